@@ -1,0 +1,1 @@
+"""Publishing Barlow Twins encoders to the Hugging Face Hub (export, model cards, conversion)."""

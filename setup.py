@@ -1,0 +1,37 @@
+"""Barlow Twins self-supervised image representations in the Hugging Face stack."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+setup(
+    name="barlow-twins-hf",
+    version="0.1.0",
+    description="Barlow Twins (Zbontar et al., 2021) as transformers models on timm backbones, trained with Accelerate",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["modeling_barlow", "modeling_barlow.*", "training", "training.*", "hub", "hub.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "transformers>=5.0",
+        "timm>=1.0",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "scikit-learn>=1.3",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=8.0"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

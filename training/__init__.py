@@ -1,0 +1,1 @@
+"""Training, evaluation and fine-tuning entry points for Barlow Twins (Accelerate-driven)."""
