@@ -1,0 +1,65 @@
+"""A saved folder loads with trust_remote_code in a process where modeling_barlow cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from modeling_barlow import BarlowTwinsForPreTraining
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    sys.modules["modeling_barlow"] = None  # any import of this project now fails
+    import torch
+    from transformers import AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+
+    folder, inputs, result = sys.argv[1:4]
+    try:
+        import modeling_barlow
+        raise SystemExit("modeling_barlow was importable")
+    except ImportError:
+        pass
+    x = torch.load(inputs)
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    pretraining = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True).eval()
+    classifier = AutoModelForImageClassification.from_pretrained(folder, num_labels=3, trust_remote_code=True)
+    with torch.no_grad():
+        torch.save({
+            "pooled": encoder(x).pooler_output,
+            "projections": pretraining(x).projections,
+            "logits_shape": list(classifier.eval()(x).logits.shape),
+            "classes": [type(m).__module__ + "." + type(m).__name__ for m in (encoder, pretraining, classifier)],
+        }, result)
+    """
+)
+
+
+def test_trust_remote_code_load_without_the_package(tmp_path, tiny_config):
+    model = BarlowTwinsForPreTraining(tiny_config).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification"}
+    for name in ("configuration_barlow_twins.py", "modeling_barlow_twins.py", "loss.py"):
+        assert (folder / name).exists(), name
+
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    completed = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt")
+    assert all("modeling_barlow." not in name for name in result["classes"]), result["classes"]
+    with torch.no_grad():
+        torch.testing.assert_close(result["pooled"], model.barlow_twins(x).pooler_output)
+        torch.testing.assert_close(result["projections"], model(x).projections)
+    assert result["logits_shape"] == [2, 3]
