@@ -7,6 +7,7 @@ from dataclasses import field
 from typing import Any
 
 import timm
+import torch
 from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg, is_model_in_modules
 from transformers import PreTrainedConfig
@@ -93,6 +94,31 @@ class BarlowTwinsConfig(PreTrainedConfig):
                 f"small_image_stem=True applies to timm's ResNet family (resnet18, resnet50, ...), "
                 f"not to {self.backbone!r}. Set small_image_stem=False, or pick a ResNet backbone."
             )
+        if self.backbone_kwargs or self.small_image_stem:
+            self._check_buildable()
+
+    def _check_buildable(self) -> None:
+        # Extra arguments can be wrong in ways only timm knows; a build on the meta device
+        # (no memory, ~0.1 s) reports them now rather than at model construction.
+        try:
+            with torch.device("meta"):
+                network = timm.create_model(self.backbone, pretrained=False, num_classes=0, **self.timm_kwargs())
+        except (TypeError, ValueError, AssertionError) as error:
+            raise ValueError(
+                f"timm cannot build {self.backbone!r} with backbone_kwargs={self.backbone_kwargs}: {error}"
+            ) from error
+        if self.small_image_stem and not isinstance(getattr(network, "conv1", None), torch.nn.Conv2d):
+            raise ValueError(
+                f"small_image_stem needs a single-convolution stem, but {self.backbone!r} has a deep stem. "
+                f"Use a plain ResNet such as resnet18 or resnet50."
+            )
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `timm.create_model` (besides `num_classes=0`)."""
+        kwargs = dict(self.backbone_kwargs)
+        if is_model_in_modules(self.backbone, ZERO_INIT_MODULES):
+            kwargs["zero_init_last"] = self.zero_init_residual
+        return kwargs
 
     def _validate_projector_and_loss(self) -> None:
         dims = self.projector_dims

@@ -17,10 +17,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
-from timm.models import is_model_in_modules
 from transformers.utils import can_return_tuple
 
-from .configuration_barlow_twins import ZERO_INIT_MODULES, BarlowTwinsConfig
+from .configuration_barlow_twins import BarlowTwinsConfig
 from .loss import barlow_twins_loss
 
 
@@ -68,13 +67,7 @@ class BarlowTwinsForPreTrainingOutput(ModelOutput):
 
 def _create_backbone(config: BarlowTwinsConfig) -> nn.Module:
     """The headless timm network the config describes; timm's own initialisation is kept."""
-    kwargs = dict(config.backbone_kwargs)
-    if is_model_in_modules(config.backbone, ZERO_INIT_MODULES):
-        kwargs["zero_init_last"] = config.zero_init_residual
-    try:
-        backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, **kwargs)
-    except TypeError as error:
-        raise ValueError(f"timm could not build {config.backbone!r} with backbone_kwargs={kwargs}: {error}") from error
+    backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.timm_kwargs())
     if config.small_image_stem:
         _use_small_image_stem(backbone, config.backbone)
     return backbone
