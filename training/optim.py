@@ -1,0 +1,209 @@
+"""Optimiser and learning-rate schedule for Barlow Twins pre-training.
+
+Follows the paper's recipe (Zbontar et al., 2021, and the authors' release):
+
+* LARS with momentum 0.9, trust coefficient 0.001 and weight decay 1.5e-6;
+* one-dimensional parameters (biases, norm weights and biases) get neither weight decay
+  nor the LARS trust ratio, and have their own learning rate;
+* learning rates scale with ``global_batch_size / 256``;
+* linear warm-up, then cosine decay to 0.001 of the peak, updated every step.
+
+LARS is ``timm.optim.Lars``. Its trust ratio is ``eta*||w|| / (||g|| + wd*||w|| + eps)``,
+whereas the paper's is ``eta*||w|| / ||g + wd*w||``. Both denominators agree when ``wd`` is 0
+or ``g`` is parallel to ``w`` (up to ``eps``); otherwise timm's is an upper bound, and with
+``wd = 1.5e-6`` the relative difference is of order ``wd*||w||/||g||``, far below noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from timm.optim import Lars
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+__all__ = [
+    "OPTIMIZER_NAMES",
+    "WarmupCosine",
+    "create_optimizer",
+    "create_scheduler",
+    "split_parameter_groups",
+    "warmup_cosine_lambda",
+    "warmup_steps_from_epochs",
+]
+
+OPTIMIZER_NAMES: tuple[str, ...] = ("lars", "sgd", "adamw")
+
+# The paper scales learning rates linearly with the batch, relative to 256.
+_REFERENCE_BATCH = 256
+
+
+def split_parameter_groups(
+    model: nn.Module, weight_decay: float, lr_weights: float, lr_biases: float
+) -> list[dict]:
+    """Split trainable parameters into the paper's two optimiser groups.
+
+    Returns ``[weights, biases]``, always in that order and always both present (possibly
+    with an empty ``params`` list) so that group indices are stable across models and
+    checkpoints:
+
+    * ``"weights"``: parameters with ``ndim > 1``; ``weight_decay`` and ``lr_weights``.
+    * ``"biases"``: parameters with ``ndim <= 1`` (biases, norm weights and biases);
+      weight decay 0 and ``lr_biases``.
+
+    Each group records its peak learning rate under ``"peak_lr"`` so that the schedule can
+    rescale from it. Parameters with ``requires_grad=False`` are skipped.
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if lr_weights < 0 or lr_biases < 0:
+        raise ValueError(f"learning rates must be >= 0, got {lr_weights} and {lr_biases}")
+    weights: list[nn.Parameter] = []
+    biases: list[nn.Parameter] = []
+    for param in model.parameters():  # deduplicates tied parameters
+        if not param.requires_grad:
+            continue
+        (weights if param.ndim > 1 else biases).append(param)
+    if not weights and not biases:
+        raise ValueError("model has no trainable parameters")
+    return [
+        {
+            "name": "weights",
+            "params": weights,
+            "weight_decay": weight_decay,
+            "lr": lr_weights,
+            "peak_lr": lr_weights,
+        },
+        {
+            "name": "biases",
+            "params": biases,
+            "weight_decay": 0.0,
+            "lr": lr_biases,
+            "peak_lr": lr_biases,
+        },
+    ]
+
+
+def create_optimizer(
+    model: nn.Module,
+    name: str,
+    learning_rate_weights: float,
+    learning_rate_biases: float,
+    weight_decay: float,
+    global_batch_size: int,
+    momentum: float = 0.9,
+    trust_coefficient: float = 0.001,
+) -> torch.optim.Optimizer:
+    """Build ``"lars"``, ``"sgd"`` or ``"adamw"`` over :func:`split_parameter_groups`.
+
+    Learning rates are ``learning_rate_* * global_batch_size / 256``. ``momentum`` is used by
+    LARS and SGD; ``trust_coefficient`` only by LARS. AdamW gets the same learning-rate
+    numbers, so callers should pass values suited to Adam.
+    """
+    key = name.lower()
+    if key not in OPTIMIZER_NAMES:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be > 0, got {global_batch_size}")
+    scale = global_batch_size / _REFERENCE_BATCH
+    groups = split_parameter_groups(
+        model, weight_decay, learning_rate_weights * scale, learning_rate_biases * scale
+    )
+    if key == "lars":
+        # timm skips the trust ratio in any group whose weight decay is 0 unless
+        # always_adapt is set. The paper adapts every multi-dimensional weight regardless
+        # of decay, so the weights group opts in (identical when wd > 0, and still right
+        # when wd = 0) while the biases group keeps the default exclusion.
+        groups[0]["always_adapt"] = True
+        groups[1]["always_adapt"] = False
+        return Lars(
+            groups,
+            lr=groups[0]["lr"],
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coeff=trust_coefficient,
+            trust_clip=False,
+            always_adapt=False,
+        )
+    if key == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=weight_decay)
+
+
+@dataclass
+class WarmupCosine:
+    """Step -> learning-rate multiplier: linear warm-up, then cosine decay.
+
+    Steps are 0-based optimizer steps ``0 .. total_steps - 1``; ``w = warmup_steps`` and
+    ``T = total_steps``:
+
+    * ``s < w``: ``s / w`` (the authors' warm-up, so step 0 is 0);
+    * ``w <= s``: ``final + (1 - final) * 0.5 * (1 + cos(pi * (s - w) / (T - 1 - w)))``,
+      which is 1.0 at ``s = w`` and exactly ``final_ratio`` at the last step ``T - 1``;
+      steps past ``T - 1`` stay at ``final_ratio``.
+
+    The authors' cosine divides by ``T - w`` and so never quite reaches the floor on an
+    executed step; the difference is one step's worth. If the cosine has no room
+    (``w >= T - 1``) the multiplier stays at 1.0 after warm-up.
+
+    A callable object rather than a closure so ``LambdaLR.state_dict`` records its fields.
+    """
+
+    total_steps: int
+    warmup_steps: int
+    final_ratio: float = 0.001
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        span = self.total_steps - 1 - self.warmup_steps
+        if span <= 0:
+            return 1.0
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.final_ratio + (1.0 - self.final_ratio) * cosine
+
+
+def warmup_cosine_lambda(
+    total_steps: int, warmup_steps: int, final_ratio: float = 0.001
+) -> WarmupCosine:
+    """Validated :class:`WarmupCosine` multiplier (see there for the exact formula)."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if warmup_steps > total_steps:
+        raise ValueError(
+            f"warmup_steps ({warmup_steps}) must not exceed total_steps ({total_steps})"
+        )
+    if not 0.0 <= final_ratio <= 1.0:
+        raise ValueError(f"final_ratio must be in [0, 1], got {final_ratio}")
+    return WarmupCosine(total_steps, warmup_steps, final_ratio)
+
+
+def create_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> LambdaLR:
+    """Per-step ``LambdaLR`` applying :class:`WarmupCosine` to every group's peak lr.
+
+    Call ``scheduler.step()`` once after every ``optimizer.step()``. Each group's peak is
+    its ``"peak_lr"`` (recorded by :func:`split_parameter_groups`), else its current lr.
+    """
+    multiplier = warmup_cosine_lambda(total_steps, warmup_steps)
+    for group in optimizer.param_groups:
+        group.setdefault("peak_lr", group["lr"])
+        # LambdaLR scales "initial_lr" but only sets it when absent; pin it to the peak so a
+        # stale value (e.g. from an earlier scheduler) cannot leak in.
+        group["initial_lr"] = group["peak_lr"]
+    return LambdaLR(optimizer, multiplier)
+
+
+def warmup_steps_from_epochs(warmup_epochs: float, steps_per_epoch: int) -> int:
+    """Number of warm-up steps for ``warmup_epochs`` epochs, rounded to the nearest step."""
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+    if steps_per_epoch <= 0:
+        raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
+    return round(warmup_epochs * steps_per_epoch)
