@@ -15,8 +15,9 @@ from transformers import (
 )
 
 from .configuration_barlow_twins import BarlowTwinsConfig
+from .distributed import GlobalBatchNorm, convert_to_global_batchnorm
 from .image_processing import create_image_processor
-from .loss import BarlowTwinsLossOutput, barlow_twins_loss
+from .loss import BarlowTwinsLossOutput, barlow_twins_loss, cross_correlation
 from .modeling_barlow_twins import (
     BarlowTwinsForImageClassification,
     BarlowTwinsForPreTraining,
@@ -36,8 +37,11 @@ __all__ = [
     "BarlowTwinsModel",
     "BarlowTwinsPreTrainedModel",
     "BarlowTwinsProjector",
+    "GlobalBatchNorm",
     "barlow_twins_loss",
+    "convert_to_global_batchnorm",
     "create_image_processor",
+    "cross_correlation",
 ]
 
 AutoConfig.register(BarlowTwinsConfig.model_type, BarlowTwinsConfig, exist_ok=True)

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
+
+from .distributed import gather_rows, global_count, sum_across_processes
 
 
-__all__ = ["BarlowTwinsLossOutput", "barlow_twins_loss"]
+__all__ = ["BarlowTwinsLossOutput", "barlow_twins_loss", "cross_correlation"]
 
 LossPath = Literal["auto", "gram", "direct"]
 
@@ -51,59 +51,29 @@ class BarlowTwinsLossOutput:
     off_diagonal: torch.Tensor
 
 
-def _world() -> tuple[bool, object]:
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return distributed, (dist.group.WORLD if distributed else None)
-
-
-def _sum_all(x: torch.Tensor, distributed: bool, group: object) -> torch.Tensor:
-    """Sum over processes; its backward sums the gradients over processes too."""
-    return funcol.all_reduce(x, "sum", group) if distributed else x
-
-
-def _global_batch_size(local: int, distributed: bool, device: torch.device) -> int:
-    if not distributed:
-        return local
-    size = torch.tensor([local], device=device, dtype=torch.long)
-    dist.all_reduce(size)
-    return int(size.item())
-
-
-def _standardise(z: torch.Tensor, n: int, eps: float, distributed: bool, group: object) -> torch.Tensor:
+def _standardise(z: torch.Tensor, n: int, eps: float) -> torch.Tensor:
     """Zero mean, unit (biased) variance per dimension over the global batch: BatchNorm1d without
     affine, in training mode, as the release applies it to each view on its own."""
-    mean = _sum_all(z.sum(0), distributed, group) / n
+    mean = sum_across_processes(z.sum(0)) / n
     centred = z - mean
-    var = _sum_all(centred.square().sum(0), distributed, group) / n
+    var = sum_across_processes(centred.square().sum(0)) / n
     return centred * torch.rsqrt(var + eps)
 
 
-def _gather_rows(x: torch.Tensor, distributed: bool, group: object) -> torch.Tensor:
-    """All processes' rows of ``x``. Shorter batches are zero-padded: a zero row of a standardised
-    view adds nothing to a Gram product, so the padding needs no removal."""
-    if not distributed:
-        return x
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
-    longest = int(max(s.item() for s in sizes))
-    if x.shape[0] < longest:
-        x = torch.cat([x, x.new_zeros(longest - x.shape[0], x.shape[1])])
-    return funcol.all_gather_single_autograd(x, 0, group)
-
-
-def _sums_direct(a: torch.Tensor, b: torch.Tensor, n: int, distributed: bool, group: object):
-    c = _sum_all(a.T @ b, distributed, group) / n
+def _sums_direct(a: torch.Tensor, b: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    c = sum_across_processes(a.T @ b) / n
     diagonal = torch.diagonal(c)
     # fp64 accumulation: for D = 8192 the two sums are large and nearly cancel near convergence.
     return diagonal, c.square().sum(dtype=torch.float64)
 
 
-def _sums_gram(a: torch.Tensor, b: torch.Tensor, n: int, distributed: bool, group: object):
-    diagonal = _sum_all((a * b).sum(0), distributed, group) / n
-    # Each process computes only its own rows of the N x N Gram products.
-    gram_a = a @ _gather_rows(a, distributed, group).T
-    gram_b = b @ _gather_rows(b, distributed, group).T
-    frobenius = _sum_all((gram_a * gram_b).sum(dtype=torch.float64), distributed, group) / (n * n)
+def _sums_gram(a: torch.Tensor, b: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    diagonal = sum_across_processes((a * b).sum(0)) / n
+    # Each process computes only its own rows of the N x N Gram products; gathered rows are
+    # zero-padded for uneven batches, and a zero row adds nothing to a Gram product.
+    gram_a = a @ gather_rows(a).T
+    gram_b = b @ gather_rows(b).T
+    frobenius = sum_across_processes((gram_a * gram_b).sum(dtype=torch.float64)) / (n * n)
     return diagonal, frobenius
 
 
@@ -139,8 +109,7 @@ def barlow_twins_loss(
         raise ValueError(f"z1 and z2 must both be (N, D) with the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}.")
     if path not in ("auto", "gram", "direct"):
         raise ValueError(f"path must be 'auto', 'gram' or 'direct', got {path!r}.")
-    distributed, group = _world()
-    n = _global_batch_size(z1.shape[0], distributed, z1.device)
+    n = global_count(z1.shape[0], z1.device)
     if n < 2:
         raise ValueError(
             f"The Barlow Twins loss standardises each dimension over the batch, which needs at least two "
@@ -149,12 +118,22 @@ def barlow_twins_loss(
     dim = z1.shape[1]
     # fp32 whatever the autocast context: low-precision C has led to NaN after loss spikes.
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        a = _standardise(z1.float(), n, eps, distributed, group)
-        b = _standardise(z2.float(), n, eps, distributed, group)
+        a = _standardise(z1.float(), n, eps)
+        b = _standardise(z2.float(), n, eps)
         use_gram = path == "gram" or (path == "auto" and n < dim)
         sums = _sums_gram if use_gram else _sums_direct
-        diagonal, frobenius = sums(a, b, n, distributed, group)
+        diagonal, frobenius = sums(a, b, n)
         on_diagonal = (1.0 - diagonal).square().sum()
         off_diagonal = (frobenius - diagonal.double().square().sum()).float()
         loss = loss_scale * (on_diagonal + off_diagonal_weight * off_diagonal)
     return BarlowTwinsLossOutput(loss=loss, on_diagonal=on_diagonal, off_diagonal=off_diagonal)
+
+
+@torch.no_grad()
+def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The D x D cross-correlation matrix C of two views (N, D), for inspection and plots: the
+    loss pushes it to the identity. Global across processes like the loss; fp32; no gradient."""
+    n = global_count(z1.shape[0], z1.device)
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        a, b = _standardise(z1.float(), n, eps), _standardise(z2.float(), n, eps)
+        return sum_across_processes(a.T @ b) / n

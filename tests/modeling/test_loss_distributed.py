@@ -12,15 +12,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from modeling_barlow import barlow_twins_loss
+from modeling_barlow import BarlowTwinsProjector, barlow_twins_loss, convert_to_global_batchnorm
 
 
 IN_FEATURES = 12
 
 
-def _network() -> torch.nn.Module:
-    # No BatchNorm: the loss's own normalisation is what must be global here.
+def _network(batchnorm: bool = False) -> torch.nn.Module:
     torch.manual_seed(1234)
+    if batchnorm:  # the paper's projector: its BatchNorm must see the global batch too
+        return convert_to_global_batchnorm(BarlowTwinsProjector(IN_FEATURES, [20, 24]))
     return torch.nn.Sequential(torch.nn.Linear(IN_FEATURES, 20), torch.nn.Tanh(), torch.nn.Linear(20, 24))
 
 
@@ -38,10 +39,12 @@ def _free_port() -> int:
 
 
 CASES = [
-    ([8, 8], "gram"),  # global N = 16 < D = 24
-    ([20, 20], "direct"),  # global N = 40 > D
-    ([5, 11], "gram"),  # uneven batches: the gathered rows are zero-padded
-    ([8, 8], "auto"),
+    ([8, 8], "gram", False),  # global N = 16 < D = 24
+    ([20, 20], "direct", False),  # global N = 40 > D
+    ([5, 11], "gram", False),  # uneven batches: the gathered rows are zero-padded
+    ([8, 8], "auto", False),
+    ([8, 8], "gram", True),  # GlobalBatchNorm in the network
+    ([6, 10], "direct", True),
 ]
 
 
@@ -49,15 +52,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for case, (splits, path) in enumerate(CASES):  # one spawn for all cases: start-up dominates
+        for case, (splits, path, batchnorm) in enumerate(CASES):  # one spawn for all: start-up dominates
             x1, x2 = _data(sum(splits))
             start = sum(splits[:rank])
             rows = slice(start, start + splits[rank])
-            model = DistributedDataParallel(_network())
+            network = _network(batchnorm)
+            model = DistributedDataParallel(network)
             out = barlow_twins_loss(model(x1[rows]), model(x2[rows]), path=path)
             out.loss.backward()  # DDP averages the gradients over the two processes
             grads = [p.grad.clone() for p in model.parameters()]
-            result = {"loss": out.loss.detach(), "off": out.off_diagonal.detach(), "grads": grads}
+            buffers = [b.clone() for b in network.buffers()]
+            result = {"loss": out.loss.detach(), "off": out.off_diagonal.detach(), "grads": grads, "buffers": buffers}
             torch.save(result, os.path.join(out_dir, f"case{case}_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -71,11 +76,11 @@ def two_process_results(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{s[0]}+{s[1]}-{p}" for s, p in CASES])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{s[0]}+{s[1]}-{p}{'-bn' * b}" for s, p, b in CASES])
 def test_two_processes_match_one_process_on_the_whole_batch(two_process_results, case):
-    splits, _ = CASES[case]
+    splits, _, batchnorm = CASES[case]
     x1, x2 = _data(sum(splits))
-    model = _network()
+    model = _network(batchnorm)  # on one process GlobalBatchNorm is plain BatchNorm
     single = barlow_twins_loss(model(x1), model(x2), path="direct")
     single.loss.backward()
 
@@ -85,3 +90,5 @@ def test_two_processes_match_one_process_on_the_whole_batch(two_process_results,
         torch.testing.assert_close(result["off"], single.off_diagonal.detach(), rtol=1e-5, atol=1e-4)
         for got, param in zip(result["grads"], model.parameters()):
             torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-6)
+        for got, buffer in zip(result["buffers"], model.buffers()):  # running statistics
+            torch.testing.assert_close(got, buffer, rtol=1e-5, atol=1e-6)
