@@ -18,7 +18,8 @@ def test_conversion_keeps_tensors_keys_and_outputs():
     converted = convert_to_global_batchnorm(model)
     assert list(converted.state_dict()) == keys
     assert not any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in converted.modules())
-    assert sum(isinstance(m, GlobalBatchNorm) for m in converted.modules()) == 20
+    batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in reference.modules())
+    assert batchnorms > 0 and sum(isinstance(m, GlobalBatchNorm) for m in converted.modules()) == batchnorms
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(converted.train()(x), reference.train()(x))
     for name, buffer in reference.named_buffers():  # running statistics moved identically
