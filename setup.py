@@ -26,9 +26,16 @@ setup(
         "scikit-learn>=1.3",
         "pyyaml>=6.0",
         "tqdm>=4.60",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "dev": ["pytest>=8.0"],
+        "tracking": ["tensorboard>=2.14"],
+    },
+    entry_points={
+        "console_scripts": [
+            "barlow-pretrain=training.pretrain:main",
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
