@@ -1,0 +1,247 @@
+"""Every option the command-line tools share, defined once.
+
+Each CLI parses a tuple of these dataclasses (plus its own) with transformers' `HfArgumentParser`.
+`--config FILE` (YAML or JSON) supplies values first; options given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+from transformers import HfArgumentParser
+
+
+__all__ = [
+    "DataArguments",
+    "ModelArguments",
+    "OutputArguments",
+    "PretrainingArguments",
+    "parse_arguments",
+    "parse_projector_dims",
+]
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from. With no data option, scikit-learn's digits are used."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A hub dataset id, or a local folder (imagefolder, parquet, webdataset, or save_to_disk)."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset configuration name."})
+    train_split: str = field(default="train", metadata={"help": "The split to train on."})
+    train_dir: str | None = field(default=None, metadata={"help": "An imagefolder directory (one subfolder per class)."})
+    image_column: str | None = field(
+        default=None, metadata={"help": "Column holding the images; found from the Image feature when not given."}
+    )
+    streaming: bool = field(
+        default=True, metadata={"help": "Stream the dataset instead of loading it (use --no_streaming to load it)."}
+    )
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Examples in the streaming shuffle buffer."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training examples (for debugging or quick runs)."}
+    )
+    dataloader_num_workers: int = field(
+        default=0, metadata={"help": "DataLoader worker processes decoding and augmenting images (0: the main one)."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where datasets caches downloaded data."})
+
+    def __post_init__(self):
+        if self.dataset_name and self.train_dir:
+            raise ValueError("Give either --dataset_name or --train_dir, not both.")
+        _positive("shuffle_buffer_size", self.shuffle_buffer_size)
+        _positive("max_train_samples", self.max_train_samples)
+        if self.dataloader_num_workers < 0:
+            raise ValueError("--dataloader_num_workers must be >= 0.")
+
+
+@dataclass
+class ModelArguments:
+    """The network: a timm backbone and the projector, or a saved model to continue from."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Continue from a saved BarlowTwinsForPreTraining (folder or hub id)."}
+    )
+    backbone: str = field(default="resnet50", metadata={"help": "Any timm model name."})
+    backbone_kwargs: str | None = field(
+        default=None, metadata={"help": 'JSON passed to timm.create_model, e.g. \'{"drop_path_rate": 0.1}\'.'}
+    )
+    small_image_stem: bool = field(
+        default=False, metadata={"help": "ResNet only: 3x3 stride-1 first convolution and no max-pool (32 px images)."}
+    )
+    projector_dims: str = field(default="8192-8192-8192", metadata={"help": "Projector widths, e.g. 8192-8192-8192."})
+    off_diagonal_weight: float = field(default=0.0051, metadata={"help": "The paper's lambda."})
+    loss_scale: float = field(default=1.0, metadata={"help": "Multiplies the whole loss."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Training resolution; defaults to the backbone's input size."}
+    )
+
+    def __post_init__(self):
+        parse_projector_dims(self.projector_dims)
+        self.backbone_kwargs_dict()
+        _positive("image_size", self.image_size)
+
+    def backbone_kwargs_dict(self) -> dict[str, Any]:
+        if not self.backbone_kwargs:
+            return {}
+        try:
+            value = json.loads(self.backbone_kwargs) if isinstance(self.backbone_kwargs, str) else self.backbone_kwargs
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--backbone_kwargs must be a JSON object, e.g. '{{\"in_chans\": 1}}': {error}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"--backbone_kwargs must be a JSON object, got {self.backbone_kwargs!r}.")
+        return value
+
+
+@dataclass
+class PretrainingArguments:
+    """Optimisation and the training loop."""
+
+    per_device_train_batch_size: int = field(default=256, metadata={"help": "Images per process per step."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step (each micro-batch has its own C)."}
+    )
+    num_train_epochs: float = field(default=100, metadata={"help": "Passes over the training data."})
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Total optimizer steps; overrides --num_train_epochs when given."}
+    )
+    optimizer: str = field(default="lars", metadata={"help": "lars, sgd or adamw.", "choices": ["lars", "sgd", "adamw"]})
+    learning_rate_weights: float = field(
+        default=0.2, metadata={"help": "Learning rate of the weights per 256 images of global batch."}
+    )
+    learning_rate_biases: float = field(
+        default=0.0048, metadata={"help": "Learning rate of biases and norm parameters per 256 images of global batch."}
+    )
+    weight_decay: float = field(default=1.5e-6, metadata={"help": "Weight decay (not applied to 1-d parameters)."})
+    warmup_epochs: float = field(default=10, metadata={"help": "Linear warm-up length in epochs."})
+    warmup_steps: int | None = field(default=None, metadata={"help": "Warm-up length in steps; overrides --warmup_epochs."})
+    mixed_precision: str = field(
+        default="no", metadata={"help": "no, fp16 or bf16 (the loss stays fp32).", "choices": ["no", "fp16", "bf16"]}
+    )
+    seed: int = field(default=42, metadata={"help": "Random seed for initialisation, shuffling and augmentation."})
+    augment_on_device: bool = field(
+        default=False,
+        metadata={"help": "Decode and crop on the CPU; colour, blur and solarisation batched on the accelerator."},
+    )
+
+    def __post_init__(self):
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+            _positive(name, getattr(self, name))
+        if self.num_train_epochs <= 0:
+            raise ValueError("--num_train_epochs must be > 0.")
+        if min(self.learning_rate_weights, self.learning_rate_biases, self.weight_decay, self.warmup_epochs) < 0:
+            raise ValueError("Learning rates, --weight_decay and --warmup_epochs must be >= 0.")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError("--warmup_steps must be >= 0.")
+
+
+@dataclass
+class OutputArguments:
+    """Outputs, checkpoints and monitoring."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the model, checkpoints, metrics and plots are written (required)."}
+    )
+    checkpointing_steps: str | None = field(
+        default=None, metadata={"help": "Save a checkpoint every N optimizer steps, or 'epoch' at every epoch end."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder to continue from, or 'latest' in --output_dir."}
+    )
+    report_to: str = field(
+        default="none",
+        metadata={"help": "Trackers: tensorboard, wandb, all or none.", "choices": ["tensorboard", "wandb", "all", "none"]},
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log losses, learning rates and throughput every N steps."})
+    knn_eval_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Labelled dataset for the kNN monitor (hub id or folder with train/test splits; 'default': digits)."},
+    )
+    knn_eval_steps: int | None = field(default=None, metadata={"help": "Run the kNN monitor every N steps (and at the end)."})
+    knn_k: int = field(default=20, metadata={"help": "Neighbours for the kNN monitor (200 for ImageNet-size data)."})
+    knn_temperature: float = field(default=0.1, metadata={"help": "Temperature of the kNN votes."})
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ValueError("--output_dir is required.")
+        if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch":
+            if not self.checkpointing_steps.isdigit() or int(self.checkpointing_steps) <= 0:
+                raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {self.checkpointing_steps!r}.")
+        _positive("logging_steps", self.logging_steps)
+        _positive("knn_eval_steps", self.knn_eval_steps)
+        _positive("knn_k", self.knn_k)
+        if self.knn_temperature <= 0:
+            raise ValueError("--knn_temperature must be > 0.")
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"--{name} must be a positive integer, got {value}.")
+
+
+def parse_projector_dims(text: str) -> list[int]:
+    """'8192-8192-8192' -> [8192, 8192, 8192]."""
+    try:
+        dims = [int(part) for part in str(text).split("-")]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) <= 0:
+        raise ValueError(f"--projector_dims must be positive widths joined by '-', e.g. 8192-8192-8192, got {text!r}.")
+    return dims
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config {path}: no such file.")
+    text = file.read_text(encoding="utf-8")
+    values = yaml.safe_load(text) if file.suffix in (".yaml", ".yml") else json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a mapping of option names to values.")
+    return values
+
+
+def parse_arguments(
+    dataclass_types: tuple[type, ...], argv: list[str] | None = None, description: str | None = None
+) -> tuple[Any, ...]:
+    """Parse `argv` into one instance per dataclass. Bad values exit with a usage error (code 2),
+    never a traceback. `--config FILE` values come first; command-line options override them."""
+    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML or JSON file of options; command-line options win.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        known, _ = parser.parse_known_args(argv)  # only to find --config before the real parse
+        if known.config:
+            values = _read_config_file(known.config)
+            names = {f.name for cls in dataclass_types for f in fields(cls)}
+            unknown = sorted(set(values) - names)
+            if unknown:
+                raise ValueError(f"--config {known.config}: unknown options {', '.join(unknown)}.")
+            # Values that the parser stores as strings (JSON and dash-joined lists) may come as YAML objects.
+            for key, value in values.items():
+                if key == "backbone_kwargs" and isinstance(value, dict):
+                    values[key] = json.dumps(value)
+                elif key == "projector_dims" and isinstance(value, list):
+                    values[key] = "-".join(str(v) for v in value)
+            parser.set_defaults(**values)
+        namespace = parser.parse_args(argv)
+        kwargs = vars(namespace)
+        kwargs.pop("config")
+        outputs = []
+        for cls in dataclass_types:
+            names = {f.name for f in fields(cls) if f.init}
+            outputs.append(cls(**{k: v for k, v in kwargs.items() if k in names}))
+        return tuple(outputs)
+    except (ValueError, yaml.YAMLError, json.JSONDecodeError) as error:
+        _usage_error(parser, str(error))
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    parser.error(message)

@@ -1,0 +1,78 @@
+"""Atomic training checkpoints: accelerate's `save_state` plus where the loop stood.
+
+A checkpoint is written to a hidden temporary folder and renamed into place only when complete,
+so an interrupted save is never taken for `latest`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+
+
+__all__ = ["TrainerState", "find_latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where the training loop stood when a checkpoint was written."""
+
+    global_step: int = 0
+    epoch: int = 0
+    examples_in_epoch: int = 0  # raw examples this process consumed in `epoch`
+    skipped_images: int = 0
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: TrainerState) -> Path:
+    """Save model, optimizer, registered objects (the scheduler) and RNG states, atomically.
+
+    Every process must call this (accelerate gathers what it needs); the main process renames the
+    finished folder to `checkpoint-{global_step}`."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{state.global_step}"
+    partial = output_dir / f".checkpoint-{state.global_step}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        if final.exists():  # a checkpoint of the same step from an earlier run
+            shutil.rmtree(final)
+        partial.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in `output_dir`, or None."""
+    candidates = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = _NAME.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            candidates.append((int(match.group(1)), path))
+    return max(candidates)[1] if candidates else None
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path, output_dir: str | Path) -> tuple[Path, TrainerState]:
+    """Restore a checkpoint given as a folder or as 'latest' (in `output_dir`)."""
+    if str(checkpoint) == "latest":
+        path = find_latest_checkpoint(output_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}.")
+    else:
+        path = Path(checkpoint)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: not a complete checkpoint folder.")
+    accelerator.load_state(str(path))
+    state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    return path, state

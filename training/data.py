@@ -1,0 +1,427 @@
+"""Image data for Barlow Twins: loading, column resolution, per-process streaming and collation.
+
+Pipeline: :func:`load_image_dataset` -> :func:`prepare_stream` (columns, undecoded images, global
+cap, shuffle, per-process shard) -> ``DataLoader(stream, collate_fn=TwoViewCollator(...))``.
+
+* Sharding happens here, exactly once (``split_dataset_by_node``): do not also pass the DataLoader
+  through ``accelerator.prepare``, which would shard a second time and silently drop data.
+* Images reach the collator undecoded (``Image(decode=False)``); :func:`decode_image` turns an
+  unreadable file into ``None`` and the collators skip and count it instead of crashing.
+* Default data: scikit-learn's handwritten digits (1797 real images, bundled, works offline).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from datasets.distributed import split_dataset_by_node
+from PIL import Image as PILImage
+
+__all__ = [
+    "DEFAULT_DATASET_NAME", "load_image_dataset", "resolve_image_column", "resolve_label_column",
+    "prepare_stream", "decode_image", "TwoViewCollator", "LabelledCollator", "count_examples",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATASET_NAME = "sklearn-digits"
+_DIGITS_SIZE = 32  # stored side of the digits (bicubic upsampling of the 8x8 originals)
+_DIGITS_SEED = 0
+_STREAM_SHARDS = 8
+_IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
+_LABEL_COLUMN_NAMES = ("label", "labels", "cls")  # "cls": the webdataset convention
+_MODES = {1: "L", 3: "RGB"}
+
+AnyDataset = datasets.Dataset | datasets.IterableDataset
+
+
+# ---------------------------------------------------------------------------------------- loading
+@lru_cache(maxsize=1)
+def _digits_splits() -> dict[str, datasets.Dataset]:
+    """The digits: ``{"train": 1438 rows (a fixed seeded 80% draw), "test": the other 359}``.
+
+    The 8x8 images (16 grey levels) are rescaled to 0..255 and upsampled to 32x32 with bicubic
+    interpolation, stored as greyscale ("L") PNG. Upsampling adds no information, but on 8x8 a
+    random-resized crop can only move by whole original pixels; at 32 px crops and blurs are
+    finer, and 32 px is the small-image stem's input size.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(_DIGITS_SEED).permutation(len(digits.target))
+    n_train = int(round(0.8 * len(order)))
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
+    out = {}
+    for name, idx in (("train", order[:n_train]), ("test", order[n_train:])):
+        pixels = np.clip(digits.images[idx] * 255.0 / 16.0, 0, 255).round().astype(np.uint8)
+        size = (_DIGITS_SIZE, _DIGITS_SIZE)
+        images = [PILImage.fromarray(p).resize(size, PILImage.Resampling.BICUBIC) for p in pixels]
+        info = datasets.DatasetInfo(
+            description="scikit-learn handwritten digits (UCI), 32x32 greyscale",
+            features=features,
+            dataset_name=DEFAULT_DATASET_NAME,
+            splits=datasets.SplitDict({name: datasets.SplitInfo(name, num_examples=len(idx))}),
+        )
+        out[name] = datasets.Dataset.from_dict(
+            {"image": images, "label": digits.target[idx].tolist()}, info=info, split=datasets.NamedSplit(name)
+        )
+    return out
+
+
+def _to_iterable(ds: datasets.Dataset, num_shards: int = _STREAM_SHARDS) -> datasets.IterableDataset:
+    """``ds.to_iterable_dataset``, keeping the info and split size it would otherwise drop."""
+    it = ds.to_iterable_dataset(num_shards=max(1, min(num_shards, len(ds))))
+    it.info.update(ds.info)
+    name = str(ds.split or "train")
+    it.info.splits = datasets.SplitDict({name: datasets.SplitInfo(name, num_examples=len(ds))})
+    return it
+
+
+def _load_from_disk(path: Path, split: str, streaming: bool) -> AnyDataset:
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"Unknown split {split!r} in {path}; available splits: {sorted(ds)}")
+        ds = ds[split]
+    elif ds.split is not None and str(ds.split) != split:
+        raise ValueError(f"Unknown split {split!r} in {path}; available splits: [{str(ds.split)!r}]")
+    return _to_iterable(ds) if streaming else ds
+
+
+def load_image_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    split: str = "train",
+    train_dir: str | None = None,
+    streaming: bool = True,
+    cache_dir: str | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Load one split of an image data set, as an ``IterableDataset`` if ``streaming``.
+
+    Sources: ``train_dir`` (an imagefolder directory); ``dataset_name`` as a local path (a
+    ``save_to_disk`` folder, else whatever ``load_dataset(path)`` detects: imagefolder, parquet,
+    webdataset ``.tar`` shards) or a hub id (offline: from the local HF cache); neither: the bundled
+    digits (:data:`DEFAULT_DATASET_NAME`; "train", "test" = "validation"; streamed as 8 shards).
+
+    Raises:
+        ValueError: both sources given; an unknown split (the message lists the splits).
+        FileNotFoundError: a missing local path or one without data; a hub id that is unreachable
+            (offline and not cached).
+    """
+    if train_dir is not None and dataset_name is not None:
+        raise ValueError("Give either dataset_name or train_dir, not both.")
+    if train_dir is None and dataset_name is None:
+        splits, name = _digits_splits(), "test" if split == "validation" else split
+        if name not in splits:
+            raise ValueError(
+                f"Unknown split {split!r} for {DEFAULT_DATASET_NAME}; "
+                "available splits: ['train', 'test', 'validation']"
+            )
+        ds = splits[name].with_format(None)  # a copy: in-place set_format/set_transform stay local
+        if not streaming:
+            return ds
+        it = _to_iterable(ds)
+        it.info.splits[split] = datasets.SplitInfo(split, num_examples=len(ds))  # "validation" too
+        return it
+
+    config, kwargs = dataset_config_name, {}
+    if train_dir is not None:
+        path, source, config = Path(train_dir).expanduser(), "imagefolder", None
+        if not path.is_dir():
+            raise FileNotFoundError(f"train_dir {str(path)!r} is not a directory")
+        kwargs["data_dir"] = str(path)
+    else:
+        path, source = Path(dataset_name).expanduser(), dataset_name
+        if path.exists():
+            if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+                return _load_from_disk(path, split, streaming)
+            source = str(path)
+        elif dataset_name.startswith(("/", ".", "~")) or dataset_name.count("/") > 1:
+            raise FileNotFoundError(f"Local dataset path {dataset_name!r} does not exist")
+    try:
+        return datasets.load_dataset(source, config, split=split, streaming=streaming, cache_dir=cache_dir, **kwargs)
+    except ValueError as err:  # e.g. an unknown split: datasets' message names the available ones
+        raise ValueError(f"Could not load {source!r} (config={config!r}, split={split!r}): {err}") from err
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise FileNotFoundError(
+            f"Could not load {source!r} (config={config!r}, split={split!r}): {err}. Offline "
+            "(HF_HUB_OFFLINE=1), only data sets in the local Hugging Face cache load; or pass a local directory."
+        ) from err
+
+
+# ---------------------------------------------------------------------------------------- columns
+def _peek(dataset: AnyDataset) -> dict[str, Any]:
+    try:
+        return next(iter(dataset.take(1))) if isinstance(dataset, datasets.IterableDataset) else dataset[0]
+    except (StopIteration, IndexError):
+        raise ValueError("The dataset is empty: cannot infer its columns") from None
+
+
+def _columns(dataset: AnyDataset) -> list[str]:
+    if dataset.features is not None:
+        return list(dataset.features)
+    return list(dataset.column_names or _peek(dataset))
+
+
+def _looks_like_image(value: Any) -> bool:
+    if isinstance(value, PILImage.Image):
+        return True
+    if isinstance(value, dict):
+        return bool(value) and set(value) <= {"bytes", "path"} and any(v is not None for v in value.values())
+    return isinstance(value, (bytes, bytearray)) and decode_image(value) is not None
+
+
+def resolve_image_column(dataset: AnyDataset, image_column: str | None = None) -> str:
+    """The image column: ``image_column`` if given (checked), else the first ``datasets.Image``
+    column (when ``features`` is unknown: the first column whose first value is an image), else a
+    common name ("image", "img", "jpg", ...). Raises ValueError naming the columns present."""
+    columns = _columns(dataset)
+    if image_column is not None:
+        if image_column not in columns:
+            raise ValueError(f"Image column {image_column!r} not found; the dataset has columns {columns}")
+        return image_column
+    if dataset.features is not None:
+        found = [n for n, f in dataset.features.items() if isinstance(f, datasets.Image)]
+    else:
+        example = _peek(dataset)
+        found = [n for n in columns if _looks_like_image(example.get(n))]
+    found += [n for n in _IMAGE_COLUMN_NAMES if n in columns]
+    if not found:
+        raise ValueError(
+            f"No image column (no datasets.Image feature, none of {list(_IMAGE_COLUMN_NAMES)}); "
+            f"the dataset has columns {columns}. Pass image_column."
+        )
+    return found[0]
+
+
+def resolve_label_column(dataset: AnyDataset, label_column: str | None = None) -> str | None:
+    """The label column: ``label_column`` if given (checked; ValueError naming the columns), else the
+    first ``ClassLabel`` column, else "label", "labels" or "cls" (webdataset) if present, else None."""
+    columns = _columns(dataset)
+    if label_column is not None:
+        if label_column not in columns:
+            raise ValueError(f"Label column {label_column!r} not found; the dataset has columns {columns}")
+        return label_column
+    found = [n for n, f in (dataset.features or {}).items() if isinstance(f, datasets.ClassLabel)]
+    return next(iter(found + [n for n in _LABEL_COLUMN_NAMES if n in columns]), None)
+
+
+# ----------------------------------------------------------------------------------------- stream
+def _num_shards_for(num_rows: int, num_processes: int) -> int:
+    """Shards for a map-style set turned iterable: a multiple of ``num_processes`` (so processes
+    split by shard), >= 8 and >= 4 per process (DataLoader workers), at most ``num_rows``."""
+    num_shards = num_processes * max(4, -(-_STREAM_SHARDS // num_processes))
+    if num_shards > num_rows:
+        num_shards = (num_rows // num_processes) * num_processes or num_rows
+    return max(1, num_shards)
+
+
+def prepare_stream(
+    dataset: AnyDataset,
+    image_column: str,
+    *,
+    label_column: str | None = None,
+    seed: int = 42,
+    shuffle_buffer_size: int = 10_000,
+    process_index: int = 0,
+    num_processes: int = 1,
+    max_samples: int | None = None,
+    shuffle: bool = True,
+) -> datasets.IterableDataset:
+    """This process's share of ``dataset``: an ``IterableDataset`` of undecoded images.
+
+    Steps: to iterable (map-style: a multiple of ``num_processes`` shards) -> keep the image (and
+    label) column -> ``Image(decode=False)``, so examples carry ``{"bytes", "path"}`` -> take
+    ``max_samples`` (a global cap, before sharding: the first ``max_samples`` in stream order, the
+    same subset every epoch) -> buffer shuffle with ``seed`` -> ``split_dataset_by_node``, once.
+
+    Call ``set_epoch(epoch)`` on the result before every epoch: the order is a function of
+    (seed, epoch), the same on every process, so the shares stay disjoint. If the shard count is
+    not a multiple of ``num_processes``, each process reads the whole stream and keeps one example
+    in ``num_processes`` (a logged warning: slower, still disjoint and complete).
+    """
+    if num_processes < 1 or not 0 <= process_index < num_processes:
+        raise ValueError(f"Need 0 <= process_index < num_processes, got {process_index} and {num_processes}")
+    if max_samples is not None and max_samples < 0:
+        raise ValueError(f"max_samples must be >= 0, got {max_samples}")
+    if num_processes > 1 and getattr(dataset, "_distributed", None) is not None:
+        raise ValueError("The dataset is already split by node; prepare_stream shards it (exactly once)")
+    if isinstance(dataset, datasets.Dataset):
+        dataset = dataset.to_iterable_dataset(num_shards=_num_shards_for(len(dataset), num_processes))
+    columns, present = [image_column] + ([label_column] if label_column else []), _columns(dataset)
+    if any(c not in present for c in columns):
+        raise ValueError(f"Columns {columns} not all found; the dataset has columns {present}")
+    dataset = dataset.select_columns(columns)
+    if dataset.features is not None and isinstance(dataset.features[image_column], datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if max_samples is not None:
+        dataset = dataset.take(max_samples)
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    if num_processes > 1:
+        if dataset.n_shards % num_processes:
+            logger.warning(
+                "The stream has %d shard(s), not a multiple of num_processes=%d: every process reads all of "
+                "it and keeps 1 example in %d (split by example). More data files would be faster.",
+                dataset.n_shards, num_processes, num_processes,
+            )
+        dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
+    return dataset
+
+
+# --------------------------------------------------------------------------------------- decoding
+def _open(value: Any) -> PILImage.Image:
+    if isinstance(value, PILImage.Image):
+        return value
+    if isinstance(value, np.ndarray):
+        array = value
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.transpose(1, 2, 0)  # CHW -> HWC
+        if array.dtype.kind == "f" and array.size and np.nanmax(array) <= 1.0:
+            array = array * 255.0
+        array = np.clip(np.nan_to_num(array), 0, 255).round().astype(np.uint8)
+        return PILImage.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return PILImage.open(io.BytesIO(bytes(value)))
+    if isinstance(value, (str, os.PathLike)):
+        value = {"bytes": None, "path": os.fspath(value)}
+    if value.get("bytes") is not None:
+        return PILImage.open(io.BytesIO(value["bytes"]))
+    path = value.get("path")
+    if path is None:
+        raise ValueError("neither bytes nor path")
+    if os.path.isfile(path):
+        return PILImage.open(path)
+    return datasets.Image().decode_example({"bytes": None, "path": path})  # remote: hf://, https://, ...
+
+
+def _to_mode(image: PILImage.Image, mode: str) -> PILImage.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit / float -> 8-bit grey
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max(initial=0.0)
+        scale = 1.0 / 257.0 if peak > 255 else 255.0 if image.mode == "F" and peak <= 1.0 else 1.0
+        image = PILImage.fromarray(np.clip(array * scale, 0, 255).round().astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):  # composite on white
+        white = PILImage.new("RGBA", image.size, (255, 255, 255, 255))
+        image = PILImage.alpha_composite(white, image.convert("RGBA"))
+    return image if image.mode == mode else image.convert(mode)
+
+
+_IMAGE_VALUE_TYPES = (PILImage.Image, np.ndarray, bytes, bytearray, memoryview, str, os.PathLike, dict)
+
+
+def decode_image(value: Any, mode: str = "RGB") -> PILImage.Image | None:
+    """Read one image value and convert it to ``mode`` ("RGB": 3 channels, "L": 1 channel).
+
+    ``value``: a PIL image, ``{"bytes": ..., "path": ...}``, raw bytes, a path, or a numpy array
+    (H, W), (H, W, C) or (C, H, W) (floats with max <= 1 are scaled by 255). Transparent images
+    (RGBA, LA, P with transparency) are composited on white; 16-bit and float images are scaled
+    to 8 bits. Returns None for None or an unreadable image (corrupt or truncated file, non-image
+    bytes, missing file); raises TypeError for a value of another type (a wrong column).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, _IMAGE_VALUE_TYPES):
+        raise TypeError(f"Cannot read an image from a {type(value).__name__}")
+    try:
+        image = _open(value)
+        image.load()  # PIL decodes lazily: surface truncation errors here
+        return _to_mode(image, mode)
+    except Exception as err:  # noqa: BLE001 - any unreadable image is skipped by the caller
+        logger.debug("Unreadable image (%s: %s)", type(err).__name__, err)
+        return None
+
+
+# -------------------------------------------------------------------------------------- collators
+class _Collator:
+    def __init__(self, transform, image_column: str, num_channels: int = 3) -> None:
+        if num_channels not in _MODES:
+            raise ValueError(f"num_channels must be 1 or 3, got {num_channels}")
+        self.transform, self.image_column, self.num_channels = transform, image_column, num_channels
+        self.mode = _MODES[num_channels]
+        self._empty: dict[str, torch.Tensor] = {}  # zero-row tensors shaped like the last batch
+        self._warnings = 0
+
+    def _decode_all(self, examples: list[dict]) -> tuple[list[PILImage.Image], list[dict], int]:
+        images, kept = [], []
+        for example in examples:
+            image = decode_image(example[self.image_column], self.mode)
+            if image is not None:
+                images.append(image)
+                kept.append(example)
+            elif self._warnings < 10:
+                self._warnings += 1
+                value = example[self.image_column]
+                where = value.get("path") if isinstance(value, dict) else None
+                logger.warning("Skipping an unreadable image%s", f": {where}" if where else "")
+        return images, kept, len(examples) - len(images)
+
+    def _stack(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            return self._empty.get(key, torch.empty(0))
+        out = torch.stack(tensors)
+        self._empty[key] = out.new_empty((0, *out.shape[1:]))
+        return out
+
+
+class TwoViewCollator(_Collator):
+    """Collate undecoded examples into two augmented views (Barlow Twins pre-training).
+
+    ``transform(PIL image) -> (view1, view2)``, each (C, H, W). Returns ``{"pixel_values": (B, C,
+    H, W), "pixel_values_2": (B, C, H, W), "num_skipped": int}``, B = readable images only. If no
+    image of a batch is readable, B = 0: shape (0, C, H, W) when this collator (in this worker
+    process) has produced a batch before, else (0,). Callers check ``len(batch["pixel_values"])``.
+    """
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor | int]:
+        images, _, skipped = self._decode_all(examples)
+        views = [self.transform(image) for image in images]
+        return {
+            "pixel_values": self._stack("pixel_values", [v[0] for v in views]),
+            "pixel_values_2": self._stack("pixel_values_2", [v[1] for v in views]),
+            "num_skipped": skipped,
+        }
+
+
+class LabelledCollator(_Collator):
+    """Collate examples into one view and labels (evaluation, kNN, linear probe).
+
+    ``transform(PIL image) -> (C, H, W)``. Returns ``{"pixel_values": (B, C, H, W), "labels": (B,)
+    long, "num_skipped": int}``; an all-unreadable batch as in :class:`TwoViewCollator`.
+    """
+
+    def __init__(self, transform, image_column: str, label_column: str, num_channels: int = 3) -> None:
+        super().__init__(transform, image_column, num_channels)
+        self.label_column = label_column
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor | int]:
+        images, kept, skipped = self._decode_all(examples)
+        return {
+            "pixel_values": self._stack("pixel_values", [self.transform(image) for image in images]),
+            "labels": torch.tensor([int(ex[self.label_column]) for ex in kept], dtype=torch.long),
+            "num_skipped": skipped,
+        }
+
+
+def count_examples(dataset: AnyDataset, split: str | None = None) -> int | None:
+    """``len()`` of a map-style set; for an iterable one the size in ``dataset.info.splits``
+    (``split``, else the dataset's split, else the only one recorded), or None. Never iterates.
+    Apply it to the loaded split: it knows nothing of ``max_samples`` or sharding."""
+    if isinstance(dataset, datasets.Dataset):
+        return len(dataset)
+    splits = (dataset.info.splits if dataset.info is not None else None) or {}
+    name = split or (str(dataset.split) if dataset.split is not None else None)
+    info = splits.get(name) if name is not None else next(iter(splits.values())) if len(splits) == 1 else None
+    return int(info.num_examples) if info is not None and info.num_examples else None
