@@ -1,0 +1,194 @@
+"""The pretraining script end to end on small real images: formats, outputs, robustness, resume,
+several processes, and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+from transformers import AutoModel
+
+import modeling_barlow.modeling_barlow_twins as modeling
+from training.pretrain import main
+
+
+TINY = [
+    "--backbone", "resnet18", "--backbone_kwargs", '{"channels": [8, 16, 16, 32]}', "--small_image_stem",
+    "--image_size", "16", "--projector_dims", "64-64", "--per_device_train_batch_size", "16",
+    "--warmup_steps", "1", "--logging_steps", "1", "--shuffle_buffer_size", "64", "--seed", "3",
+]
+
+
+def _digit_images(count: int) -> list[tuple[Image.Image, int]]:
+    digits = load_digits()
+    return [
+        (Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((24, 24)), int(digits.target[i]))
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory) -> Path:
+    """47 digits as PNG files in class subfolders, plus one corrupt file: 3 batches of 16."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    for index, (image, label) in enumerate(_digit_images(47)):
+        folder = root / str(label)
+        folder.mkdir(exist_ok=True)
+        image.save(folder / f"{index}.png")
+    (root / "3" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def parquet_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("parquet")
+    pairs = _digit_images(96)
+    table = datasets.Dataset.from_dict({"img": [p[0].convert("RGB") for p in pairs], "digit": [p[1] for p in pairs]})
+    table = table.cast_column("img", datasets.Image())
+    for shard in range(4):
+        table.shard(4, shard).to_parquet(str(root / f"train-{shard:05d}.parquet"))
+    return root
+
+
+def _history(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log_history.jsonl").read_text().splitlines()]
+
+
+def test_imagefolder_stream_end_to_end(tmp_path, imagefolder):
+    out = tmp_path / "run"
+    metrics = main(["--train_dir", str(imagefolder), "--output_dir", str(out), "--max_train_steps", "3", *TINY])
+    assert metrics["global_step"] == 3
+    assert metrics["skipped_images"] == 1  # every file was read: the corrupt one was skipped and counted
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "training_args.json",
+                 "metrics.json", "cross_correlation.png", "log_history.jsonl"):
+        assert (out / name).is_file(), name
+    assert [h["step"] for h in _history(out)] == [1, 2, 3]
+    assert all(np.isfinite(h["train_loss"]) and h["images_per_second"] > 0 for h in _history(out))
+    encoder = AutoModel.from_pretrained(out)
+    assert encoder(torch.randn(2, 3, 16, 16)).pooler_output.shape == (2, 32)
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["global_batch_size"] == 16 and args["total_steps"] == 3
+
+
+def test_parquet_stream_with_named_column(tmp_path, parquet_folder):
+    out = tmp_path / "run"
+    metrics = main(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--num_train_epochs", "2", *TINY])
+    # 96 examples, batch 16: 6 steps per epoch, and epochs over a stream are well defined.
+    assert metrics["global_step"] == 12 and metrics["epochs"] == 2
+    assert json.loads((out / "training_args.json").read_text())["steps_per_epoch"] == 6
+
+
+def test_resume_continues_with_the_same_losses(tmp_path, parquet_folder):
+    common = ["--dataset_name", str(parquet_folder), "--max_train_steps", "6", "--checkpointing_steps", "3", *TINY]
+    full = tmp_path / "full"
+    main([*common, "--output_dir", str(full)])
+    # The state at step 3 of the same run is what an interruption there would have left.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    expected = {h["step"]: h["train_loss"] for h in _history(full)}
+    got = {h["step"]: h["train_loss"] for h in _history(resumed)}
+    assert sorted(got) == [4, 5, 6]
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], rel=1e-5), step
+    assert expected[4] != pytest.approx(expected[3], rel=1e-3)  # the comparison is not trivially flat
+
+
+def test_partial_checkpoint_is_never_latest(tmp_path):
+    from training.checkpointing import STATE_FILE, find_latest_checkpoint
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / STATE_FILE).write_text("{}")
+    (tmp_path / "checkpoint-9").mkdir()  # no state file: interrupted before it was renamed complete
+    (tmp_path / ".checkpoint-12.partial").mkdir()
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+
+
+def test_non_finite_losses_stop_with_a_checkpoint(tmp_path, parquet_folder, monkeypatch):
+    real_loss = modeling.barlow_twins_loss
+
+    def nan_loss(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(modeling, "barlow_twins_loss", nan_loss)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        main(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "20", *TINY])
+    assert "10 non-finite losses in a row" in str(stopped.value.code)
+    assert (out / "checkpoint-0" / "trainer_state.json").is_file()
+
+
+def _launch(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "training.pretrain", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
+    # 32 images in two files: every step of both runs sees the same 32 images (one per process
+    # file, or all in one batch), so only the augmentations differ between the runs.
+    data = tmp_path / "data"
+    data.mkdir()
+    pairs = _digit_images(32)
+    table = datasets.Dataset.from_dict({"image": [p[0] for p in pairs], "label": [p[1] for p in pairs]})
+    table = table.cast_column("image", datasets.Image())
+    for shard in range(2):
+        table.shard(2, shard).to_parquet(str(data / f"train-{shard}.parquet"))
+    # D = 256 against a global batch of 32: a per-process C or BatchNorm (N = 16) would roughly
+    # double the off-diagonal term, which scales as D^2 / N.
+    base = ["--dataset_name", str(data), "--max_train_steps", "3", *TINY, "--projector_dims", "256-256"]
+    two = _launch([*base, "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "16"], 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = _launch([*base, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "32"], 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two_history, one_history = _history(tmp_path / "two"), _history(tmp_path / "one")
+    assert json.loads((tmp_path / "two" / "training_args.json").read_text())["global_batch_size"] == 32
+    assert len(two_history) == len(one_history) == 3
+    # Augmentation noise, measured here: up to 17% per step on the off-diagonal term, 11% on the
+    # mean of three steps. A per-process computation would be near +100%.
+    for term in ("off_diagonal_loss", "on_diagonal_loss"):
+        two_mean = np.mean([h[term] for h in two_history])
+        one_mean = np.mean([h[term] for h in one_history])
+        assert two_mean == pytest.approx(one_mean, rel=0.2), term
+        for a, b in zip(two_history, one_history):
+            assert a[term] == pytest.approx(b[term], rel=0.35), term
+
+
+def test_help_documents_every_option():
+    result = subprocess.run([sys.executable, "-m", "training.pretrain", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for option in ("--dataset_name", "--train_dir", "--streaming", "--no_streaming", "--projector_dims",
+                   "--learning_rate_weights", "--checkpointing_steps", "--resume_from_checkpoint", "--knn_eval_dataset",
+                   "--augment_on_device", "--config"):
+        assert option in result.stdout, option
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--output_dir", "x", "--projector_dims", "8192-x"], "--projector_dims"),
+        (["--output_dir", "x", "--optimizer", "adam"], "invalid choice"),
+        (["--projector_dims", "64"], "--output_dir is required"),
+        (["--output_dir", "x", "--train_dir", "/no/such/folder"], "/no/such/folder"),
+    ],
+)
+def test_bad_options_give_clear_errors_without_traceback(tmp_path, args, message):
+    result = subprocess.run([sys.executable, "-m", "training.pretrain", *args], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
