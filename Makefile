@@ -19,7 +19,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) examples/model_demo.py --output_dir demo_output
+	HF_HUB_OFFLINE=1 $(PY) examples/demo.py --output_dir demo_output
 
 clean:
 	rm -rf demo_output .pytest_cache

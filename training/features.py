@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["extract_features", "knn_classify", "knn_top1", "knn_topk_accuracy"]
+__all__ = ["extract_features", "knn_classify", "knn_top1", "knn_topk_accuracy", "linear_probe_top1"]
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -251,3 +251,16 @@ def knn_top1(
     return knn_topk_accuracy(
         train_features, train_labels, test_features, test_labels, num_classes, k, temperature
     )["top1"]
+
+
+def linear_probe_top1(
+    train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, test_labels: torch.Tensor
+) -> float:
+    """Top-1 of an exact multinomial logistic regression (scikit-learn, L-BFGS) on standardised
+    features: a quick linear probe that needs no learning-rate schedule."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_features.numpy())
+    probe = LogisticRegression(max_iter=2000).fit(scaler.transform(train_features.numpy()), train_labels.numpy())
+    return float(probe.score(scaler.transform(test_features.numpy()), test_labels.numpy()))

@@ -18,7 +18,7 @@ from .features import extract_features, knn_top1
 from .plots import plot_cross_correlation, summarise_cross_correlation
 
 
-__all__ = ["KnnMonitor", "eval_transform", "plot_held_out_cross_correlation"]
+__all__ = ["KnnMonitor", "eval_transform", "labelled_loaders", "plot_held_out_cross_correlation"]
 
 logger = logging.getLogger(__name__)
 HELD_OUT_SPLITS = ("validation", "test")
@@ -45,6 +45,22 @@ def _load_held_out(dataset_name: str | None, **kwargs) -> tuple[Any, str] | None
     return None
 
 
+def labelled_loaders(dataset: str, config: BarlowTwinsConfig, batch_size: int = 256) -> tuple[DataLoader, DataLoader]:
+    """Loaders of (pixel_values, labels) for a labelled dataset's train split and its validation
+    or test split ('default': scikit-learn's digits), preprocessed as the model's processor does."""
+    name = _dataset_name(dataset)
+    train = load_image_dataset(name, split="train", streaming=False)
+    held_out = _load_held_out(name, streaming=False)
+    if held_out is None:
+        raise ValueError(f"Evaluation dataset {dataset} needs a 'validation' or 'test' split.")
+    image_column = resolve_image_column(train)
+    label_column = resolve_label_column(train)
+    if label_column is None:
+        raise ValueError(f"Evaluation dataset {dataset} has no label column ({train.column_names}).")
+    collator = LabelledCollator(eval_transform(config), image_column, label_column, config.num_channels)
+    return tuple(DataLoader(split, batch_size=batch_size, collate_fn=collator) for split in (train, held_out[0]))
+
+
 @dataclass
 class KnnMonitor:
     """kNN top-1 (cosine, votes weighted by exp(sim / T)) of the encoder's features on a labelled
@@ -58,19 +74,8 @@ class KnnMonitor:
 
     @classmethod
     def create(cls, out_args, config: BarlowTwinsConfig, accelerator: Accelerator) -> "KnnMonitor":
-        name = _dataset_name(out_args.knn_eval_dataset)
-        train = load_image_dataset(name, split="train", streaming=False)
-        held_out = _load_held_out(name, streaming=False)
-        if held_out is None:
-            raise ValueError(f"--knn_eval_dataset {out_args.knn_eval_dataset} needs a 'validation' or 'test' split.")
-        test = held_out[0]
-        image_column = resolve_image_column(train)
-        label_column = resolve_label_column(train)
-        if label_column is None:
-            raise ValueError(f"--knn_eval_dataset {out_args.knn_eval_dataset} has no label column ({train.column_names}).")
-        collator = LabelledCollator(eval_transform(config), image_column, label_column, config.num_channels)
-        loaders = [DataLoader(split, batch_size=256, collate_fn=collator) for split in (train, test)]
-        return cls(accelerator, *loaders, out_args.knn_k, out_args.knn_temperature)
+        train_loader, test_loader = labelled_loaders(out_args.knn_eval_dataset, config)
+        return cls(accelerator, train_loader, test_loader, out_args.knn_k, out_args.knn_temperature)
 
     def evaluate(self, encoder: torch.nn.Module, step: int) -> float | None:
         top1 = None

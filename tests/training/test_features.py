@@ -256,3 +256,15 @@ def test_extract_features_barlow_twins_model(tiny_config):
     assert features.shape == (5, model.num_features) and labels.shape == (5,)
     expected = model.eval()(pixel_values=torch.cat([b["pixel_values"] for b in batches])).pooler_output
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_probe_separates_separable_classes_and_not_shuffled_ones():
+    from training.features import linear_probe_top1
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=generator) * 5
+    labels = torch.arange(400) % 4
+    features = centres[labels] + torch.randn(400, 16, generator=generator)
+    assert linear_probe_top1(features[:300], labels[:300], features[300:], labels[300:]) == 1.0
+    shuffled = labels[torch.randperm(400, generator=generator)]
+    assert linear_probe_top1(features[:300], shuffled[:300], features[300:], shuffled[300:]) < 0.45

@@ -66,8 +66,10 @@ def _history(output_dir: Path) -> list[dict]:
 
 def test_imagefolder_stream_end_to_end(tmp_path, imagefolder):
     out = tmp_path / "run"
-    metrics = main(["--train_dir", str(imagefolder), "--output_dir", str(out), "--max_train_steps", "3", *TINY])
+    metrics = main(["--train_dir", str(imagefolder), "--output_dir", str(out), "--max_train_steps", "3",
+                    "--knn_eval_dataset", "default", "--knn_eval_steps", "2", *TINY])
     assert metrics["global_step"] == 3
+    assert 0.1 < metrics["knn_top1"] <= 1.0  # the monitor ran on the digits' held-out split
     assert metrics["skipped_images"] == 1  # every file was read: the corrupt one was skipped and counted
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "training_args.json",
                  "metrics.json", "cross_correlation.png", "log_history.jsonl"):
