@@ -248,6 +248,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
                     logger.warning(f"Non-finite loss at step {state.global_step}; step skipped ({non_finite_in_a_row} in a row).")
                     if non_finite_in_a_row >= MAX_NON_FINITE_STEPS:
                         saved = save_checkpoint(accelerator, output_dir, state)
+                        progress.close()
                         raise TrainingStopped(
                             f"{non_finite_in_a_row} non-finite losses in a row at step {state.global_step}; "
                             f"saved {saved}. Lower the learning rates or use --mixed_precision no."
