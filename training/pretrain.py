@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from modeling_barlow import (
     BarlowTwinsConfig,
     BarlowTwinsForPreTraining,
+    GlobalBatchNorm,
     convert_to_global_batchnorm,
     create_image_processor,
 )
@@ -142,6 +143,11 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
     config = model.config
     if accelerator.num_processes > 1:
         convert_to_global_batchnorm(model)
+        left = sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                       and not isinstance(m, GlobalBatchNorm)})
+        if left:
+            logger.warning(f"{', '.join(left)} keep per-process batch statistics: only plain BatchNorm layers are "
+                           "made global, so this run is not exactly a single process with the global batch.")
     # Same initial weights everywhere (above), but each process draws its own augmentations: a
     # shared stream would give every shard's i-th image the same crop, colour and blur.
     set_seed(train_args.seed + accelerator.process_index)
@@ -259,9 +265,10 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
                 optimizer.step()
                 optimizer.zero_grad()
 
-            window["loss"] += out.loss.item()
-            window["on"] += out.on_diagonal_loss.item()
-            window["off"] += out.off_diagonal_loss.item()
+            # Tensors, read at logging time: an .item() per step would wait for the device each step.
+            window["loss"] += out.loss.detach()
+            window["on"] += out.on_diagonal_loss.detach()
+            window["off"] += out.off_diagonal_loss.detach()
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -316,9 +323,9 @@ def _log_window(accelerator, window, scheduler, state, global_batch, train_args,
     micro_steps = steps * train_args.gradient_accumulation_steps
     elapsed = time.perf_counter() - window["start"]
     metrics = {
-        "train_loss": window["loss"] / micro_steps,
-        "on_diagonal_loss": window["on"] / micro_steps,
-        "off_diagonal_loss": window["off"] / micro_steps,
+        "train_loss": float(window["loss"]) / micro_steps,
+        "on_diagonal_loss": float(window["on"]) / micro_steps,
+        "off_diagonal_loss": float(window["off"]) / micro_steps,
         "lr_weights": scheduler.get_last_lr()[0],
         "lr_biases": scheduler.get_last_lr()[1],
         "images_per_second": global_batch * steps / elapsed,
