@@ -194,3 +194,27 @@ def test_bad_options_give_clear_errors_without_traceback(tmp_path, args, message
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _populate_datasets_cache(cache: Path, repo_id: str, source: datasets.Dataset) -> None:
+    """Lay out `repo_id` in a datasets cache as an earlier online `load_dataset(repo_id)` leaves it."""
+    built_dir = cache.parent / "build"
+    source.to_parquet(str(cache.parent / "train.parquet"))
+    datasets.load_dataset("parquet", data_files={"train": str(cache.parent / "train.parquet")}, cache_dir=str(built_dir))
+    prepared = next(p for p in built_dir.glob("parquet/*/*/*") if p.is_dir())
+    namespace, name = repo_id.split("/")
+    target = cache / f"{namespace}___{name}" / "default" / "0.0.0" / prepared.name
+    shutil.copytree(prepared, target)
+    (target / "parquet-train.arrow").rename(target / f"{name}-train.arrow")
+
+
+def test_hub_dataset_id_streams_from_the_local_cache_offline(tmp_path, monkeypatch):
+    cache = tmp_path / "datasets_cache"
+    pairs = _digit_images(40)
+    source = datasets.Dataset.from_dict({"image": [p[0] for p in pairs], "label": [p[1] for p in pairs]})
+    _populate_datasets_cache(cache, "barlow-test/tiny-digits", source.cast_column("image", datasets.Image()))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "run"
+    metrics = main(["--dataset_name", "barlow-test/tiny-digits", "--output_dir", str(out), "--num_train_epochs", "1", *TINY])
+    assert metrics["global_step"] == 2  # 40 examples, batch 16; the size comes from the cached dataset info
