@@ -97,10 +97,16 @@ def _first_examples(dataset: Any, count: int) -> list[dict]:
 
 
 def plot_held_out_cross_correlation(
-    model: BarlowTwinsForPreTraining, data_args, collator, accelerator: Accelerator, path: Path
+    model: BarlowTwinsForPreTraining,
+    data_args,
+    collator: Callable[[list[dict]], dict],
+    to_views: Callable[[dict], tuple[torch.Tensor, torch.Tensor]],
+    accelerator: Accelerator,
+    path: Path,
 ) -> dict[str, float]:
     """Plot C for two augmented views of a held-out batch (the dataset's validation or test split
-    when it has one, else its first training images), the model in eval mode.
+    when it has one, else its first training images), the model in eval mode. `to_views` turns a
+    collated batch into the two model inputs, as in training.
 
     Every process computes the same batch, so the global C equals the local one."""
     name = data_args.train_dir or data_args.dataset_name
@@ -116,12 +122,12 @@ def plot_held_out_cross_correlation(
     if batch["pixel_values"].shape[0] < 2:
         logger.warning("No readable batch to plot the cross-correlation matrix.")
         return {}
-    device = accelerator.device
+    view_1, view_2 = to_views(batch)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        z1 = model(pixel_values=batch["pixel_values"].to(device)).projections
-        z2 = model(pixel_values=batch["pixel_values_2"].to(device)).projections
+    with torch.no_grad(), accelerator.autocast():
+        z1 = model(pixel_values=view_1).projections
+        z2 = model(pixel_values=view_2).projections
     model.train(was_training)
     matrix = cross_correlation(z1, z2)
     summary = summarise_cross_correlation(matrix)

@@ -172,6 +172,15 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         device_augment = None
     collator = TwoViewCollator(transform, image_column, config.num_channels)
 
+    def to_views(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A collated batch -> the two model inputs on the device (augmented there if asked)."""
+        view_1 = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+        view_2 = batch["pixel_values_2"].to(accelerator.device, non_blocking=True)
+        if device_augment is not None:
+            with torch.no_grad():
+                view_1, view_2 = device_augment(view_1, view_2)
+        return view_1, view_2
+
     num_examples = count_examples(dataset, data_args.train_split)
     if num_examples is None and not train_args.max_train_steps and _is_local(data_args):
         # Local files that record no size (parquet, imagefolder streams): one pass of undecoded reads.
@@ -239,11 +248,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
             if not all_processes(accelerator, batch["pixel_values"].shape[0] >= 2):
                 logger.warning("Skipping a batch with fewer than two readable images.")
                 continue
-            view_1 = batch["pixel_values"].to(accelerator.device, non_blocking=True)
-            view_2 = batch["pixel_values_2"].to(accelerator.device, non_blocking=True)
-            if device_augment is not None:
-                with torch.no_grad():
-                    view_1, view_2 = device_augment(view_1, view_2)
+            view_1, view_2 = to_views(batch)
 
             with accelerator.accumulate(model):
                 out = model(pixel_values=view_1, pixel_values_2=view_2)
@@ -299,7 +304,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
     unwrapped = accelerator.unwrap_model(model)
     if knn is not None:
         metrics["knn_top1"] = knn.evaluate(unwrapped.barlow_twins, state.global_step)
-    plot_held_out_cross_correlation(unwrapped, data_args, collator, accelerator, output_dir / "cross_correlation.png")
+    plot_held_out_cross_correlation(unwrapped, data_args, collator, to_views, accelerator, output_dir / "cross_correlation.png")
     if out_args.checkpointing_steps:
         save_checkpoint(accelerator, output_dir, state)
     accelerator.wait_for_everyone()

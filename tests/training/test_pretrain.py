@@ -218,3 +218,14 @@ def test_hub_dataset_id_streams_from_the_local_cache_offline(tmp_path, monkeypat
     out = tmp_path / "run"
     metrics = main(["--dataset_name", "barlow-test/tiny-digits", "--output_dir", str(out), "--num_train_epochs", "1", *TINY])
     assert metrics["global_step"] == 2  # 40 examples, batch 16; the size comes from the cached dataset info
+
+
+def test_augment_on_device_with_bf16(tmp_path, parquet_folder):
+    # A subprocess: accelerate keeps one mixed-precision setting per process.
+    out = tmp_path / "run"
+    result = _launch(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "2",
+                      "--augment_on_device", "--mixed_precision", "bf16", *TINY], 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = _history(out)
+    assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["train_loss"]) for h in history)
+    assert (out / "cross_correlation.png").is_file()
