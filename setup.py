@@ -27,6 +27,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "jinja2>=3.0",
     ],
     extras_require={
         "dev": ["pytest>=8.0"],
@@ -35,6 +36,8 @@ setup(
     entry_points={
         "console_scripts": [
             "barlow-pretrain=training.pretrain:main",
+            "barlow-publish=hub.publish:main",
+            "barlow-convert=hub.convert_official:main",
         ],
     },
     classifiers=[
