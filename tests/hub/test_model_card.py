@@ -4,29 +4,18 @@ snippets that run as written (by repo id, from a populated hub cache, without th
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 
 from hub import publish
+from .helpers import TINY, populate_hub_cache, run_isolated
 from hub.model_card import eval_results_from_metrics, read_eval_metrics
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining, create_image_processor
 
 
-TINY = {
-    "backbone": "resnet18",
-    "backbone_kwargs": {"channels": [8, 16, 16, 32]},
-    "projector_dims": [16, 16],
-    "image_size": 32,
-}
-COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 # What barlow-pretrain writes (a subset), with values no default would produce.
 TRAINING_ARGS = {
     "dataset_name": "barlow-test/pets",
@@ -179,34 +168,13 @@ def test_card_snippets_run_as_written(tmp_path, photo):
             assert any(library in block for block in blocks), (name, library)
         if name == "tiny-stem":
             assert not any("timm.create_model" in block for block in blocks)
-        repo = cache / f"models--barlow-test--{name}"
-        shutil.copytree(tmp_path / f"{name}-repo", repo / "snapshots" / COMMIT)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(COMMIT)
+        populate_hub_cache(cache, repo_id, tmp_path / f"{name}-repo")
         for index, block in enumerate(blocks):
             path = tmp_path / f"snippet_{name}_{index}.py"
             path.write_text(block)
             snippets.append(str(path))
     photo.save(tmp_path / "image.jpg")
 
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_HUB_CACHE": str(cache),
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    prelude = "import sys\nfor _name in ('modeling_barlow', 'training', 'hub'):\n    sys.modules[_name] = None\n"
-    completed = subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(CHILD_SNIPPETS), *snippets],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    completed = run_isolated(CHILD_SNIPPETS, snippets, tmp_path)
     assert completed.stdout.count("running") == len(snippets)
     assert "torch.Size([1, 32])" in completed.stdout  # the printed feature shapes

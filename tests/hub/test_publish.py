@@ -16,6 +16,7 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, HTTPError, OfflineModeIsEnabled
 
 from hub import PublishError, publish
+from .helpers import TINY
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining, create_image_processor
 
 
@@ -24,12 +25,6 @@ publish_module = importlib.import_module("hub.publish")
 # huggingface_hub's HTTP client (httpx2 in 2.x, httpx in 1.x), to build the responses it raises with.
 http_client = importlib.import_module(HTTPError.__module__.split(".")[0])
 
-TINY = {
-    "backbone": "resnet18",
-    "backbone_kwargs": {"channels": [8, 16, 16, 32]},
-    "projector_dims": [16, 16],
-    "image_size": 32,
-}
 
 
 @pytest.fixture
