@@ -36,6 +36,8 @@ setup(
     entry_points={
         "console_scripts": [
             "barlow-pretrain=training.pretrain:main",
+            "barlow-eval=training.evaluate:main",
+            "barlow-finetune=training.finetune:main",
             "barlow-publish=hub.publish:main",
             "barlow-convert=hub.convert_official:main",
         ],

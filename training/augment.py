@@ -408,3 +408,54 @@ class TwoViewBatchAugmentation(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) uint8 x 2 -> (B, C, H, W) float32 x 2."""
         return self.view1(images1, generator), self.view2(images2, generator)
+
+
+# --------------------------------------------------------------------------- supervised training
+class SupervisedTrainTransform:
+    """PIL image (any mode) -> float32 (C, S, S): random resized crop, horizontal flip, normalise.
+
+    The training transform of the linear and semi-supervised protocols and of fine-tuning
+    (torchvision's ImageNet recipe, which the paper's evaluation uses). Evaluation uses the
+    model's image processor instead (resize and centre crop).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_channels: int = 3,
+        interpolation: v2.InterpolationMode = BICUBIC,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        flip_p: float = 0.5,
+    ) -> None:
+        _check_channels(num_channels, mean, std)
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must be 0 < lo <= hi <= 1, got {crop_scale}")
+        self.num_channels = num_channels
+        self.pipeline = v2.Compose([
+            v2.RandomResizedCrop(image_size, crop_scale, (3 / 4, 4 / 3), interpolation=interpolation, antialias=True),
+            v2.RandomHorizontalFlip(flip_p),
+            _ToNormalizedFloat(mean, std),
+        ])
+
+    def __call__(self, image: Image.Image | Tensor) -> Tensor:
+        return self.pipeline(_to_uint8_tensor(image, self.num_channels))
+
+
+def supervised_train_transform(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    num_channels: int = 3,
+    interpolation: v2.InterpolationMode | str = BICUBIC,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+) -> SupervisedTrainTransform:
+    """:class:`SupervisedTrainTransform` for a backbone's preprocessing (``interpolation`` may be
+    a name: "bicubic", "bilinear" or "nearest")."""
+    return SupervisedTrainTransform(
+        image_size, mean, std, num_channels, v2.InterpolationMode(interpolation), crop_scale=crop_scale
+    )
+
+
+__all__ += ["SupervisedTrainTransform", "supervised_train_transform"]

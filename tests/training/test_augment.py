@@ -322,3 +322,40 @@ def test_cuda_matches_cpu():
     on_gpu = module.cuda().apply(u8.cuda(), draw.to("cuda")).cpu()
     torch.testing.assert_close(on_gpu, module.cpu().apply(u8, draw), atol=1e-4, rtol=0)
     assert module.cuda()(u8.cuda(), generator=torch.Generator("cuda").manual_seed(0)).device.type == "cuda"
+
+
+def test_supervised_train_transform_is_a_resize_flip_and_normalisation():
+    from training.augment import supervised_train_transform
+
+    image = china((20, 20))  # square: with crop scale 1 the crop is the whole image
+    transform = supervised_train_transform(10, MEAN, STD, 3, "bicubic", crop_scale=(1.0, 1.0))
+    # Independent computation: torchvision's functional resize, then (x / 255 - mean) / std.
+    u8 = TF.resize(TF.pil_to_tensor(image), [10, 10], interpolation=BICUBIC, antialias=True)
+    expected = (u8.float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    torch.manual_seed(0)
+    flips = 0
+    n = 200
+    for _ in range(n):
+        out = transform(image)
+        assert out.shape == (3, 10, 10) and out.dtype == torch.float32
+        flipped = torch.allclose(out, expected.flip(-1), atol=1e-5)
+        assert flipped or torch.allclose(out, expected, atol=1e-5)
+        flips += flipped
+    assert binomial_ok(flips / n, 0.5, n)
+
+
+def test_supervised_train_transform_crops_and_converts_modes():
+    from training.augment import supervised_train_transform
+
+    torch.manual_seed(0)
+    grey = supervised_train_transform(12, (0.5,), (0.25,), num_channels=1)
+    outs = [grey(image) for image in (china((40, 30)), china((40, 30)).convert("RGBA"), china((25, 25)).convert("L"))]
+    assert all(out.shape == (1, 12, 12) for out in outs)
+    # Random crops of one image differ (the default scale is 0.08 to 1 of the area).
+    photo = china((48, 36))
+    rgb = supervised_train_transform(12, MEAN, STD)
+    assert not torch.allclose(rgb(photo), rgb(photo))
+    with pytest.raises(ValueError):
+        supervised_train_transform(12, MEAN, STD, crop_scale=(0.5, 0.2))
+    with pytest.raises(ValueError):
+        supervised_train_transform(12, (0.5,), (0.5,), num_channels=3)

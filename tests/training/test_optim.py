@@ -6,7 +6,6 @@ LARS is checked against a hand-written version of the paper's update (the author
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -1,0 +1,191 @@
+"""Fine-tune a pretrained encoder as an image classifier, with Accelerate.
+
+    accelerate launch -m training.finetune --model_name_or_path out --dataset_name <id or folder> --output_dir clf
+    barlow-finetune --model_name_or_path out --output_dir clf        # scikit-learn's digits, offline
+
+The model is `BarlowTwinsForImageClassification` for a Barlow Twins folder (pretraining, encoder
+or classifier), or whatever `AutoModelForImageClassification` loads. Training images get random
+resized crops and flips; every epoch ends with top-1 (and top-5) on the held-out split. The output
+folder loads in transformers' `image-classification` pipeline, with the dataset's class names in
+`id2label`.
+
+Reads top to bottom like HF's `run_*_no_trainer.py`: arguments, accelerator, model, data,
+optimizer, loop, save. Run with `--help` for every option.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .arguments import (
+    DataArguments,
+    FinetuningArguments,
+    PretrainedModelArguments,
+    SupervisedDataArguments,
+    parse_arguments,
+)
+from .optim import create_scheduler, warmup_steps_from_epochs
+from .probes import classifier_optimizer, evaluate_classifier, fit_classifier, load_labelled_data, load_pretrained
+
+
+logger = get_logger(__name__)
+
+ARGUMENT_TYPES = (DataArguments, SupervisedDataArguments, PretrainedModelArguments, FinetuningArguments)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    data_args, supervised_args, model_args, train_args = parse_arguments(ARGUMENT_TYPES, argv, description=__doc__)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    try:
+        return finetune(data_args, supervised_args, model_args, train_args)
+    except (ValueError, FileNotFoundError) as error:
+        # Bad input ends with its message, not a traceback.
+        sys.exit(f"barlow-finetune: error: {error}")
+
+
+def finetune(
+    data_args: DataArguments,
+    supervised_args: SupervisedDataArguments,
+    model_args: PretrainedModelArguments,
+    train_args: FinetuningArguments,
+) -> dict:
+    output_dir = Path(train_args.output_dir)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        # Without a GPU, accelerate only takes several launched processes as one job (gloo) when told so.
+        cpu=processes > 1 and not torch.cuda.is_available(),
+        mixed_precision=train_args.mixed_precision,
+        log_with=None if train_args.report_to == "none" else train_args.report_to,
+        project_dir=str(output_dir),
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(train_args.seed)
+
+    # Model: the pretrained encoder and a new head named after the dataset's classes.
+    pretrained = load_pretrained(model_args.model_name_or_path, model_args.random_init, train_args.seed)
+    data = load_labelled_data(data_args, supervised_args)
+    model, head = pretrained.classifier(data.label_names)
+    if train_args.freeze_backbone:
+        if not hasattr(model, "freeze_backbone"):
+            raise ValueError(f"--freeze_backbone needs a Barlow Twins model; {type(model).__name__} has no freeze_backbone().")
+        model.freeze_backbone()
+
+    # Data: this process's share of the training stream, new crops and order every epoch.
+    train_transform = pretrained.train_transform(supervised_args.min_crop_scale)
+    batch_size = train_args.per_device_train_batch_size
+
+    def make_loader(epoch: int):
+        return data.loader(
+            "train", train_transform, pretrained.num_channels, batch_size, shuffle=True, seed=train_args.seed,
+            epoch=epoch, shuffle_buffer_size=data_args.shuffle_buffer_size, num_workers=data_args.dataloader_num_workers,
+            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        )
+
+    eval_loader = data.loader(
+        "eval", pretrained.eval_transform(), pretrained.num_channels, supervised_args.per_device_eval_batch_size,
+        num_workers=data_args.dataloader_num_workers, process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+    )
+    num_examples = data.num_examples("train")
+    steps_per_epoch = max(1, math.ceil(num_examples / (batch_size * accelerator.num_processes)))
+    total_steps = math.ceil(train_args.num_train_epochs * steps_per_epoch)
+    warmup_steps = min(warmup_steps_from_epochs(train_args.warmup_epochs, steps_per_epoch), total_steps)
+
+    # Optimizer: the head and the backbone each with their own learning rate; per-step cosine.
+    optimizer = classifier_optimizer(
+        model, head, train_args.optimizer, train_args.learning_rate, train_args.head_learning_rate, train_args.weight_decay
+    )
+    scheduler = create_scheduler(optimizer, total_steps, warmup_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    run_config = {
+        **asdict(data_args), **asdict(supervised_args), **asdict(model_args), **asdict(train_args),
+        "num_train_examples": num_examples, "num_classes": data.num_classes, "label_names": data.label_names,
+        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup_steps,
+        "num_processes": accelerator.num_processes,
+    }
+    accelerator.init_trackers("barlow_finetune", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))})
+    logger.info(
+        f"Fine-tuning {pretrained.name} on {num_examples} images of {data.num_classes} classes for {total_steps} steps "
+        f"({steps_per_epoch} per epoch, {accelerator.num_processes} processes).", main_process_only=True,
+    )
+
+    # Loop: train, and evaluate at every epoch end.
+    progress = tqdm(total=total_steps, disable=not accelerator.is_local_main_process, desc="fine-tuning")
+    window = {"loss": 0.0, "steps": 0, "epoch_loss": 0.0, "epoch_steps": 0}
+    history: list[dict] = []
+    if accelerator.is_main_process:
+        (output_dir / "log_history.jsonl").unlink(missing_ok=True)
+
+    def on_step(step: int, loss: float) -> None:
+        progress.update(1)
+        for key, value in (("loss", loss), ("steps", 1)):
+            window[key] += value
+            window[f"epoch_{key}"] += value
+        if step % train_args.logging_steps == 0:
+            entry = {"train_loss": window["loss"] / window["steps"]}
+            entry.update({f"lr_{g['name'].split('_')[0]}": g["lr"] for g in scheduler.optimizer.param_groups})
+            accelerator.log(entry, step=step)
+            _append(accelerator, output_dir, {"step": step, **entry})
+            progress.set_postfix(loss=f"{entry['train_loss']:.3f}")
+            window.update(loss=0.0, steps=0)
+
+    def on_epoch_end(epoch: int, step: int) -> None:
+        result = evaluate_classifier(model, eval_loader, data.num_classes, accelerator=accelerator)
+        entry = {"epoch": epoch + 1, "step": step, **{f"eval_{k}": v for k, v in result.items()}}
+        if window["epoch_steps"]:  # the mean over this epoch's steps
+            entry["train_loss"] = window["epoch_loss"] / window["epoch_steps"]
+        window.update(epoch_loss=0.0, epoch_steps=0)
+        history.append(entry)
+        accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=step)
+        _append(accelerator, output_dir, entry)
+        logger.info(", ".join(f"{k} {v:.4g}" for k, v in entry.items()), main_process_only=True)
+
+    started = time.perf_counter()
+    steps = fit_classifier(
+        model, optimizer, scheduler, make_loader, total_steps, accelerator=accelerator, on_step=on_step,
+        on_epoch_end=on_epoch_end,
+    )
+    progress.close()
+
+    # Save: a folder for from_pretrained and the image-classification pipeline, and the metrics.
+    accelerator.wait_for_everyone()
+    final = history[-1]
+    metrics = {
+        **{k: v for k, v in final.items() if k.startswith("eval_")},
+        "train_loss": final.get("train_loss"), "epochs": final["epoch"], "global_step": steps,
+        "num_train_examples": num_examples, "eval_split": data.eval_split,
+        "wall_time_s": round(time.perf_counter() - started, 2), "history": history,
+    }
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(output_dir)
+        pretrained.processor.save_pretrained(output_dir)
+        (output_dir / "training_args.json").write_text(json.dumps(run_config, indent=2, default=str))
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        logger.info(f"Saved the classifier, its image processor and metrics.json to {output_dir}.", main_process_only=True)
+    accelerator.end_training()
+    return metrics
+
+
+def _append(accelerator: Accelerator, output_dir: Path, entry: dict) -> None:
+    if accelerator.is_main_process:
+        with open(output_dir / "log_history.jsonl", "a") as history:
+            history.write(json.dumps(entry) + "\n")
+
+
+if __name__ == "__main__":
+    main()
