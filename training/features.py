@@ -82,8 +82,11 @@ def extract_features(
             from tqdm.auto import tqdm
 
             total = max_batches
-            if total is None and hasattr(batches, "__len__"):
-                total = len(batches)  # type: ignore[arg-type]
+            if total is None:
+                try:
+                    total = len(batches)  # type: ignore[arg-type]
+                except TypeError:  # a DataLoader over a stream has __len__ but no length
+                    total = None
             iterator = tqdm(batches, total=total, desc="features", leave=False)
         for index, batch in enumerate(iterator):
             if max_batches is not None and index >= max_batches:

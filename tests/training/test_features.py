@@ -268,3 +268,18 @@ def test_linear_probe_separates_separable_classes_and_not_shuffled_ones():
     assert linear_probe_top1(features[:300], labels[:300], features[300:], labels[300:]) == 1.0
     shuffled = labels[torch.randperm(400, generator=generator)]
     assert linear_probe_top1(features[:300], shuffled[:300], features[300:], shuffled[300:]) < 0.45
+
+
+def test_progress_bar_over_a_stream_without_length():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for label in range(3):
+                yield {"pixel_values": torch.randn(4), "labels": label}
+
+    class Identity(torch.nn.Module):
+        def forward(self, pixel_values):
+            return pixel_values
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=2)
+    features, labels = extract_features(Identity(), loader, progress=True)
+    assert features.shape == (3, 4) and labels.tolist() == [0, 1, 2]
