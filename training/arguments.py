@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,7 @@ from transformers import HfArgumentParser
 
 __all__ = [
     "DataArguments",
+    "HubArguments",
     "ModelArguments",
     "OutputArguments",
     "PretrainingArguments",
@@ -426,3 +428,42 @@ __all__ += [
     "PretrainedModelArguments",
     "SupervisedDataArguments",
 ]
+
+
+@dataclass
+class HubArguments:
+    """Uploading the result to the Hugging Face Hub when the run ends (through `hub.publish`)."""
+
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Upload the saved model (with a model card) to --hub_model_id at the end."}
+    )
+    hub_model_id: str | None = field(default=None, metadata={"help": "The repository to push to, <user or org>/<name>."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the repository as private."})
+
+    def __post_init__(self):
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id <user or org>/<name>.")
+
+    def check_token(self) -> None:
+        """Fail before training, not after it, when an upload is asked for without a token."""
+        from huggingface_hub import get_token
+
+        if self.push_to_hub and not get_token():
+            raise ValueError("--push_to_hub needs a token: set HF_TOKEN or run `hf auth login`.")
+
+    def push(self, output_dir: str | Path, dataset_name: str | None = None) -> str | None:
+        """Publish `output_dir` with the same code as `barlow-publish`; returns the URL. Only the
+        main process of a launch uploads."""
+        if not self.push_to_hub or int(os.environ.get("RANK", "0")) != 0:
+            return None
+        from hub import PublishError, publish  # hub's CLI imports this module: import when needed
+
+        try:
+            result = publish(output_dir, repo_id=self.hub_model_id, push=True, private=self.hub_private_repo,
+                             dataset_name=dataset_name)
+        except PublishError as error:
+            raise ValueError(
+                f"The model is saved in {output_dir}, but the upload failed: {error} "
+                f"Retry with: barlow-publish --model_dir {output_dir} --repo_id {self.hub_model_id} --push"
+            ) from None
+        return result.url

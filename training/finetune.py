@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .arguments import (
     DataArguments,
     FinetuningArguments,
+    HubArguments,
     PretrainedModelArguments,
     SupervisedDataArguments,
     parse_arguments,
@@ -43,14 +44,21 @@ from .probes import classifier_optimizer, evaluate_classifier, fit_classifier, l
 
 logger = get_logger(__name__)
 
-ARGUMENT_TYPES = (DataArguments, SupervisedDataArguments, PretrainedModelArguments, FinetuningArguments)
+ARGUMENT_TYPES = (DataArguments, SupervisedDataArguments, PretrainedModelArguments, FinetuningArguments, HubArguments)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    data_args, supervised_args, model_args, train_args = parse_arguments(ARGUMENT_TYPES, argv, description=__doc__)
+    data_args, supervised_args, model_args, train_args, hub_args = parse_arguments(
+        ARGUMENT_TYPES, argv, description=__doc__
+    )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     try:
-        return finetune(data_args, supervised_args, model_args, train_args)
+        hub_args.check_token()
+        metrics = finetune(data_args, supervised_args, model_args, train_args)
+        url = hub_args.push(train_args.output_dir, data_args.dataset_name)
+        if url:
+            logging.getLogger(__name__).info(f"Pushed the classifier and its model card to {url}")
+        return metrics
     except (ValueError, FileNotFoundError) as error:
         # Bad input ends with its message, not a traceback.
         sys.exit(f"barlow-finetune: error: {error}")

@@ -34,7 +34,15 @@ from modeling_barlow import (
     create_image_processor,
 )
 
-from .arguments import DataArguments, ModelArguments, OutputArguments, PretrainingArguments, parse_arguments, parse_projector_dims
+from .arguments import (
+    DataArguments,
+    HubArguments,
+    ModelArguments,
+    OutputArguments,
+    PretrainingArguments,
+    parse_arguments,
+    parse_projector_dims,
+)
 from .augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTransform
 from .checkpointing import TrainerState, load_checkpoint, save_checkpoint
 from .data import TwoViewCollator, count_examples, load_image_dataset, prepare_stream, resolve_image_column
@@ -44,7 +52,7 @@ from .optim import create_optimizer, create_scheduler, warmup_steps_from_epochs
 
 logger = get_logger(__name__)
 
-ARGUMENT_TYPES = (DataArguments, ModelArguments, PretrainingArguments, OutputArguments)
+ARGUMENT_TYPES = (DataArguments, ModelArguments, PretrainingArguments, OutputArguments, HubArguments)
 MAX_NON_FINITE_STEPS = 10
 
 
@@ -115,10 +123,15 @@ def all_processes(accelerator: Accelerator, flag: bool) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    data_args, model_args, train_args, out_args = parse_arguments(ARGUMENT_TYPES, argv, description=__doc__)
+    data_args, model_args, train_args, out_args, hub_args = parse_arguments(ARGUMENT_TYPES, argv, description=__doc__)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     try:
-        return train(data_args, model_args, train_args, out_args)
+        hub_args.check_token()
+        metrics = train(data_args, model_args, train_args, out_args)
+        url = hub_args.push(out_args.output_dir, data_args.dataset_name)
+        if url:
+            logging.getLogger(__name__).info(f"Pushed the encoder and its model card to {url}")
+        return metrics
     except (ValueError, FileNotFoundError, TrainingStopped) as error:
         # Bad input and stopped runs end with their message, not a traceback.
         sys.exit(f"barlow-pretrain: error: {error}")

@@ -229,3 +229,31 @@ def test_augment_on_device_with_bf16(tmp_path, parquet_folder):
     history = _history(out)
     assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["train_loss"]) for h in history)
     assert (out / "cross_correlation.png").is_file()
+
+
+def test_push_to_hub_publishes_the_output_with_the_publish_code(tmp_path, parquet_folder, monkeypatch):
+    from huggingface_hub import HfApi
+
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(
+        ("upload", kw["repo_id"], sorted(p.name for p in Path(kw["folder_path"]).iterdir()))))
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    out = tmp_path / "run"
+    main(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "1", *TINY,
+          "--push_to_hub", "--hub_model_id", "someone/barlow-tiny", "--hub_private_repo"])
+    assert calls[0] == ("create", "someone/barlow-tiny", {"private": True, "exist_ok": True})
+    kind, repo_id, files = calls[1]
+    assert (kind, repo_id) == ("upload", "someone/barlow-tiny")
+    # The small-image stem cannot be plain timm, so the encoder goes up with its code files and a card.
+    assert {"README.md", "config.json", "model.safetensors", "modeling_barlow_twins.py"} <= set(files)
+
+
+def test_push_to_hub_without_a_token_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no_login"))
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--output_dir", str(tmp_path / "run"), "--push_to_hub", "--hub_model_id", "someone/x", *TINY])
+    assert "needs a token" in str(stopped.value.code)
+    assert not (tmp_path / "run" / "log_history.jsonl").exists()
