@@ -242,8 +242,9 @@ def prepare_stream(
 
     Steps: to iterable (map-style: a multiple of ``num_processes`` shards) -> keep the image (and
     label) column -> ``Image(decode=False)``, so examples carry ``{"bytes", "path"}`` -> take
-    ``max_samples`` (a global cap, before sharding: the first ``max_samples`` in stream order, the
-    same subset every epoch) -> buffer shuffle with ``seed`` -> ``split_dataset_by_node``, once.
+    ``max_samples`` (a global cap on the count, the same subset every epoch; when processes split
+    by shard, datasets spreads the cap over the shards, so which examples are kept depends on the
+    number of processes) -> buffer shuffle with ``seed`` -> ``split_dataset_by_node``, once.
 
     Call ``set_epoch(epoch)`` on the result before every epoch: the order is a function of
     (seed, epoch), the same on every process, so the shares stay disjoint. If the shard count is
