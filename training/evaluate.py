@@ -39,21 +39,10 @@ from .arguments import (
 )
 from .features import extract_features, knn_topk_accuracy
 from .optim import create_scheduler
-from .probes import (
-    cached_features,
-    class_balanced_subset,
-    classifier_optimizer,
-    evaluate_classifier,
-    exact_linear_probe,
-    fit_classifier,
-    fit_linear_head,
-    fraction_name,
-    linear_head,
-    load_labelled_data,
-    load_pretrained,
-    sgd_linear_probe,
-    topk_accuracy,
-)
+from .classifier_training import classifier_optimizer, evaluate_classifier, fit_classifier
+from .labelled_data import class_balanced_subset, fraction_name, load_labelled_data
+from .pretrained import load_pretrained
+from .probes import cached_features, exact_linear_probe, fit_linear_head, linear_head, sgd_linear_probe, topk_accuracy
 
 
 logger = logging.getLogger(__name__)

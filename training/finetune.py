@@ -39,7 +39,9 @@ from .arguments import (
     parse_arguments,
 )
 from .optim import create_scheduler, warmup_steps_from_epochs
-from .probes import classifier_optimizer, evaluate_classifier, fit_classifier, load_labelled_data, load_pretrained
+from .classifier_training import classifier_optimizer, evaluate_classifier, fit_classifier
+from .labelled_data import load_labelled_data
+from .pretrained import load_pretrained
 
 
 logger = get_logger(__name__)

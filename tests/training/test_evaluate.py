@@ -23,15 +23,9 @@ from training.evaluate import main as evaluate
 from training.features import knn_topk_accuracy, linear_probe_top1
 from training.finetune import main as finetune
 from training.pretrain import main as pretrain
-from training.probes import (
-    class_balanced_subset,
-    classifier_optimizer,
-    exact_linear_probe,
-    fraction_name,
-    linear_head,
-    sgd_linear_probe,
-    topk_accuracy,
-)
+from training.classifier_training import classifier_optimizer
+from training.labelled_data import class_balanced_subset, fraction_name
+from training.probes import exact_linear_probe, linear_head, sgd_linear_probe, topk_accuracy
 
 
 TINY = {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 16, 32]}, "small_image_stem": True, "image_size": 16}
@@ -344,7 +338,7 @@ def test_classifier_optimizer_groups():
 @pytest.mark.parametrize("streaming", [True, False])
 def test_loader_keeps_exactly_the_chosen_examples(streaming):
     from training.arguments import DataArguments, SupervisedDataArguments
-    from training.probes import load_labelled_data
+    from training.labelled_data import load_labelled_data
 
     data = load_labelled_data(DataArguments(streaming=streaming, max_train_samples=120), SupervisedDataArguments())
     labels = data.labels("train")
