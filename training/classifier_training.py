@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .collective import all_processes
 from .probes import _topk_correct
 
 __all__ = [
@@ -55,13 +56,6 @@ def classifier_optimizer(
     raise ValueError(f"Unknown optimizer {name!r}; choose sgd or adamw.")
 
 
-def _all_processes(accelerator, flag: bool) -> bool:
-    if accelerator is None or accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() == accelerator.num_processes)
-
-
 def fit_classifier(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -87,9 +81,11 @@ def fit_classifier(
         stepped = False
         while step < total_steps:
             batch = next(batches, None)
-            if not _all_processes(accelerator, batch is not None):
+            has_batch = batch is not None
+            has_batch, enough = all_processes(accelerator, has_batch, has_batch and batch["pixel_values"].shape[0] >= 2)
+            if not has_batch:
                 break
-            if not _all_processes(accelerator, batch["pixel_values"].shape[0] >= 2):
+            if not enough:
                 continue
             pixel_values = batch["pixel_values"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)

@@ -45,10 +45,16 @@ from .arguments import (
 )
 from .augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTransform
 from .checkpointing import TrainerState, load_checkpoint, save_checkpoint
-from .data import TwoViewCollator, count_examples, load_image_dataset, prepare_stream, resolve_image_column
+from .collective import all_processes
+from .data import (
+    TwoViewCollator,
+    count_examples,
+    load_image_dataset,
+    prepare_stream,
+    resolve_image_column,
+)
 from .monitor import KnnMonitor, plot_held_out_cross_correlation
 from .optim import create_optimizer, create_scheduler, warmup_steps_from_epochs
-
 
 logger = get_logger(__name__)
 
@@ -112,14 +118,6 @@ def _launched_processes() -> int:
 
 def _is_local(data_args: DataArguments) -> bool:
     return data_args.dataset_name is None or data_args.train_dir is not None or Path(data_args.dataset_name).exists()
-
-
-def all_processes(accelerator: Accelerator, flag: bool) -> bool:
-    """True when `flag` holds on every process (streams can end at different steps)."""
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() == accelerator.num_processes)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -254,11 +252,13 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
             wait_start = time.perf_counter()
             batch = next(batches, None)
             window["wait"] += time.perf_counter() - wait_start
-            if not all_processes(accelerator, batch is not None):
+            has_batch = batch is not None
+            has_batch, enough = all_processes(accelerator, has_batch, has_batch and batch["pixel_values"].shape[0] >= 2)
+            if not has_batch:
                 break
             state.examples_in_epoch += train_args.per_device_train_batch_size
             state.skipped_images += int(batch["num_skipped"])
-            if not all_processes(accelerator, batch["pixel_values"].shape[0] >= 2):
+            if not enough:
                 logger.warning("Skipping a batch with fewer than two readable images.")
                 continue
             view_1, view_2 = to_views(batch)
