@@ -1,0 +1,192 @@
+"""What every benchmark shares: alternating timing, peak memory, machine facts and the result file.
+
+Each benchmark under benchmarks/ is one command that ends with :func:`write_result`, which writes
+``benchmarks/results/<name>.json`` with the keys RESULTS.md shows: ``ours``, ``baseline``,
+``ratio`` (> 1 means ours is better, whichever way the unit points), ``unit``,
+``higher_is_better``, ``machine``, ``versions``, ``date``, ``command`` and, where memory was
+measured, ``memory_ratio`` (ours' peak over the baseline's; < 1 means ours uses less).
+
+Time: contenders alternate within one process (A B A B ... with the order flipped every round)
+so that load from other work on a shared machine falls on both, and medians are reported.
+
+Memory on the CPU: each contender runs in its own process; the peak is the resident set's
+high-water mark above the resident set right after its imports and set-up (tracemalloc does not
+see torch's allocator). ``/proc/self/clear_refs`` resets the mark, so set-up peaks are excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+_PACKAGES = ("torch", "torchvision", "timm", "transformers", "accelerate", "datasets", "numpy", "pillow", "lightly")
+
+
+def versions() -> dict[str, str]:
+    """Python and the installed versions of the packages that matter to the numbers."""
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """The CPU, its cores, torch's threads, the load average, and the GPU if there is one."""
+    import torch
+
+    info = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def command() -> str:
+    """The command line that produced this run, as one would type it from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(REPO_ROOT)
+    except ValueError:
+        pass
+    return shlex.join(["python", str(script), *sys.argv[1:]])
+
+
+def alternate(contenders: dict[str, Callable[[], float]], runs: int = 5, warmup: int = 1) -> dict[str, list[float]]:
+    """Call each contender ``warmup`` times, then ``runs`` times each, alternating and flipping the order.
+
+    Each callable returns one measurement (seconds, or any number); the lists come back in call order.
+    """
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(runs):
+        for name in names if index % 2 == 0 else reversed(names):
+            samples[name].append(contenders[name]())
+    return samples
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
+    """Seconds that ``fn()`` took; ``sync`` (e.g. torch.cuda.synchronize) runs before both clock reads."""
+    if sync:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------- memory
+def rss_bytes() -> int:
+    """This process's resident set now."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark (since start or the last :func:`reset_peak_rss`)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset the high-water mark to the current resident set (Linux: clear_refs 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def measure_peak_above_start(workload: Callable[[], object]) -> int:
+    """Bytes the resident set peaked above where it stood before ``workload`` (call after set-up)."""
+    reset_peak_rss()
+    start = rss_bytes()
+    workload()
+    return peak_rss_bytes() - start
+
+
+def run_memory_worker(script: Path | str, args: list[str], timeout: float = 1800) -> dict:
+    """Run ``python script *args`` in a fresh process; it must print one JSON object as its last line."""
+    result = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"memory worker {script} {args} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------- result
+def write_result(
+    name: str,
+    *,
+    ours: float,
+    baseline: float,
+    unit: str,
+    higher_is_better: bool,
+    memory_ratio: float | None = None,
+    target: str | None = None,
+    details: dict | None = None,
+    results_dir: Path = RESULTS_DIR,
+) -> Path:
+    """Write ``results_dir/<name>.json`` and print it; ``ratio`` > 1 always means ours is better."""
+    ratio = ours / baseline if higher_is_better else baseline / ours
+    record = {
+        "name": name,
+        "ours": ours,
+        "baseline": baseline,
+        "ratio": round(ratio, 4),
+        "unit": unit,
+        "higher_is_better": higher_is_better,
+        **({"memory_ratio": round(memory_ratio, 4)} if memory_ratio is not None else {}),
+        **({"target": target} if target else {}),
+        "machine": machine(),
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": command(),
+        **({"details": details} if details else {}),
+    }
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    print(f"Wrote {path}")
+    return path
