@@ -132,6 +132,15 @@ class PretrainingArguments:
         default=False,
         metadata={"help": "Decode and crop on the CPU; colour, blur and solarisation batched on the accelerator."},
     )
+    channels_last: bool = field(
+        default=False,
+        metadata={"help": "Keep convolution weights and inputs channels-last (NHWC): faster convolutions on GPUs "
+                          "with tensor cores, especially with --mixed_precision bf16 or fp16."},
+    )
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "Compile the model with torch.compile (inductor). The first steps are slow while it compiles."},
+    )
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps"):

@@ -144,6 +144,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         log_with=None if out_args.report_to == "none" else out_args.report_to,
         project_dir=str(output_dir),
+        dynamo_backend="inductor" if train_args.torch_compile else None,
     )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +160,8 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         if left:
             logger.warning(f"{', '.join(left)} keep per-process batch statistics: only plain BatchNorm layers are "
                            "made global, so this run is not exactly a single process with the global batch.")
+    memory_format = torch.channels_last if train_args.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
     # Same initial weights everywhere (above), but each process draws its own augmentations: a
     # shared stream would give every shard's i-th image the same crop, colour and blur.
     set_seed(train_args.seed + accelerator.process_index)
@@ -190,7 +193,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         if device_augment is not None:
             with torch.no_grad():
                 view_1, view_2 = device_augment(view_1, view_2)
-        return view_1, view_2
+        return view_1.contiguous(memory_format=memory_format), view_2.contiguous(memory_format=memory_format)
 
     num_examples = count_examples(dataset, data_args.train_split)
     if num_examples is None and not train_args.max_train_steps and _is_local(data_args):
@@ -314,7 +317,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
 
     # Outputs: the model folder with its processor, arguments, metrics and the C plot.
     wall_time = time.perf_counter() - started
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if knn is not None:
         metrics["knn_top1"] = knn.evaluate(unwrapped.barlow_twins, state.global_step)
     plot_held_out_cross_correlation(unwrapped, data_args, collator, to_views, accelerator, output_dir / "cross_correlation.png")

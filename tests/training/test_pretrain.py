@@ -257,3 +257,54 @@ def test_push_to_hub_without_a_token_fails_before_training(tmp_path, monkeypatch
         main(["--output_dir", str(tmp_path / "run"), "--push_to_hub", "--hub_model_id", "someone/x", *TINY])
     assert "needs a token" in str(stopped.value.code)
     assert not (tmp_path / "run" / "log_history.jsonl").exists()
+
+
+def test_channels_last_changes_layout_not_losses(tmp_path, parquet_folder):
+    # Same seed and data: NHWC only reorders memory, so the losses agree to float32 rounding,
+    # and the saved weights load back (safetensors needs contiguous tensors).
+    runs = {}
+    for layout in ("default", "channels_last"):
+        out = tmp_path / layout
+        main(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "3",
+              *(["--channels_last"] if layout == "channels_last" else []), *TINY])
+        runs[layout] = [h["train_loss"] for h in _history(out)]
+        reloaded = modeling.BarlowTwinsForPreTraining.from_pretrained(out)
+        assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+    assert len(runs["default"]) == 3
+    np.testing.assert_allclose(runs["channels_last"], runs["default"], rtol=1e-4)
+
+
+def test_torch_compile_flag_compiles_the_model_and_saves_it_uncompiled(tmp_path, parquet_folder, monkeypatch):
+    # Compiling for real takes minutes on a 2-core CPU; the GPU benchmark exercises it. Here a
+    # stand-in for torch.compile records what it is given and wraps it as torch's OptimizedModule
+    # does (under `_orig_mod`), so a save that forgot to unwrap would write `_orig_mod.` keys.
+    from accelerate.state import AcceleratorState
+    from safetensors.torch import load_file
+
+    compiled = []
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module
+
+        def forward(self, *args, **kwargs):
+            return self._orig_mod(*args, **kwargs)
+
+    def fake_compile(model, **kwargs):
+        compiled.append(type(model).__name__)
+        return Wrapped(model)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr("accelerate.accelerator.is_compiled_module", lambda m: isinstance(m, Wrapped))
+    monkeypatch.setattr("accelerate.utils.other.is_compiled_module", lambda m: isinstance(m, Wrapped))
+    AcceleratorState._reset_state(True)  # the dynamo setting lives in accelerate's per-process state
+    try:
+        out = tmp_path / "run"
+        main(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "1",
+              "--torch_compile", *TINY])
+    finally:
+        AcceleratorState._reset_state(True)
+    assert compiled == ["BarlowTwinsForPreTraining"]
+    keys = load_file(out / "model.safetensors").keys()
+    assert keys and not any("_orig_mod" in k for k in keys)
