@@ -190,3 +190,54 @@ def write_result(
     print(json.dumps(record, indent=2))
     print(f"Wrote {path}")
     return path
+
+
+# --------------------------------------------------------------------------------------------- data
+def _photo_crops(count: int, size: int, seed: int) -> list[dict]:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    encoded = []
+    for _ in range(count):
+        photo = photos[rng.integers(len(photos))]
+        side = int(rng.integers(min(photo.size) // 2, min(photo.size) + 1))
+        left, top = int(rng.integers(photo.width - side + 1)), int(rng.integers(photo.height - side + 1))
+        crop = photo.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        buffer = io.BytesIO()
+        crop.save(buffer, format="JPEG", quality=90)
+        encoded.append({"bytes": buffer.getvalue(), "path": None})
+    return encoded
+
+
+def make_photo_parquet(out_dir: Path, count: int, size: int = 256, shards: int = 8, seed: int = 0) -> Path:
+    """``count`` JPEGs cut from scikit-learn's two sample photos (random crops, resized to ``size``
+    px, random flips), as parquet shards with an image column that ``load_dataset(out_dir)`` reads.
+
+    Real photographs of ImageNet-like size, made offline (one process per shard); each folder is
+    written once and reused.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    import datasets
+
+    out_dir = Path(out_dir)
+    if len(list(out_dir.glob("train-*.parquet"))) == shards:
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    features = datasets.Features({"image": datasets.Image()})
+    sizes = [count // shards + (index < count % shards) for index in range(shards)]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(shards, os.cpu_count() or 1), mp_context=context) as pool:
+        parts = pool.map(_photo_crops, sizes, [size] * shards, [seed * 1000 + index for index in range(shards)])
+        for index, part in enumerate(parts):
+            table = datasets.Dataset.from_dict({"image": part}, features=features)
+            table.to_parquet(str(out_dir / f"train-{index:05d}.parquet"))
+    return out_dir

@@ -2,6 +2,7 @@
 
     apt-get install -y dataset-fashion-mnist          # IDX files in /usr/share/datasets/fashion-mnist
     python benchmarks/fashion_mnist.py --work_dir runs/fmnist --pretrain_epochs 30
+    python benchmarks/fashion_mnist.py --work_dir /tmp/fm --gpu --pretrain_time_budget_s 200   # on a GPU
 
 Steps:
 1. Convert the IDX files into parquet shards of a `datasets` dataset (image and label columns).
@@ -11,12 +12,20 @@ Steps:
    backbone randomly initialised, and supervised training from scratch with the same epochs.
 
 Writes benchmarks/results/fashion_mnist.json (accuracies as fractions) unless --smoke, which runs
-every step on a few hundred images to check the plumbing and writes only under --work_dir.
+every step on a few hundred images to check the plumbing and writes only under --work_dir. The file
+is rewritten after every step ("complete": false until the end), so a run cut short keeps what it did.
+
+--pretrain_time_budget_s picks the epochs: a 40-step calibration run measures images/s, and the
+run gets the epochs that fit the budget (the supervised baseline gets the same epochs). --gpu
+turns on bf16, channels-last, on-device augmentation and 8 loader workers for every step.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
+import os
 import gzip
 import json
 import platform
@@ -63,9 +72,12 @@ def convert(idx_dir: Path, out_dir: Path, shards: int = 8) -> Path:
     return out_dir
 
 
-def raw_pixel_logistic_regression(idx_dir: Path, max_train: int | None) -> float:
+def raw_pixel_logistic_regression(idx_dir: Path, max_train: int | None, threads: int = 4) -> float:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)
 
     x_train = read_idx(idx_dir / "train-images-idx3-ubyte.gz").reshape(-1, 784)[:max_train].astype(np.float32)
     y_train = read_idx(idx_dir / "train-labels-idx1-ubyte.gz")[:max_train]
@@ -76,77 +88,134 @@ def raw_pixel_logistic_regression(idx_dir: Path, max_train: int | None) -> float
     return float(probe.score(scaler.transform(x_test), y_test))
 
 
+def _pretrain_args(args, data: Path, output_dir: Path, epochs: str, speed: list[str], cap: list[str]) -> list[str]:
+    return [
+        "--dataset_name", str(data), "--no_streaming", "--output_dir", str(output_dir),
+        "--backbone", "resnet18", "--backbone_kwargs", args.backbone_kwargs, "--small_image_stem", "--image_size", "32",
+        "--projector_dims", args.projector_dims, "--per_device_train_batch_size", str(args.batch_size),
+        "--num_train_epochs", epochs, "--warmup_epochs", "1" if args.smoke else "2", "--logging_steps", "20",
+        "--seed", str(args.seed), *speed, *(cap[:2]),
+    ]
+
+
+def calibrated_epochs(args, data: Path, speed: list[str], num_examples: int) -> tuple[int, float]:
+    """Epochs that fit --pretrain_time_budget_s, from the images/s of a 40-step run (and that rate)."""
+    from training.pretrain import main as pretrain
+
+    out = args.work_dir / "calibration"
+    steps, window = ("4", "2") if args.smoke else ("40", "10")
+    pretrain([*_pretrain_args(args, data, out, "1", speed, []), "--max_train_steps", steps, "--warmup_steps", "2",
+              "--logging_steps", window])
+    windows = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()][1:]
+    rate = float(np.median([w["images_per_second"] for w in windows]))
+    # 15% for what the calibration does not see: loader restarts at epoch ends, the final save.
+    epochs = int(args.pretrain_time_budget_s * rate * 0.85 // num_examples)
+    return max(1, epochs), rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--idx_dir", type=Path, default=IDX_DIR, help="where the Fashion-MNIST IDX files are")
     parser.add_argument("--work_dir", type=Path, required=True, help="data, models and evaluation outputs")
+    parser.add_argument("--data_dir", type=Path, help="parquet shards (made from --idx_dir if absent; default WORK_DIR/data)")
     parser.add_argument("--pretrain_epochs", type=int, default=30, help="pretraining epochs (also the supervised baseline's)")
+    parser.add_argument("--pretrain_time_budget_s", type=float, help="choose the epochs that fit this many seconds")
     parser.add_argument("--backbone_kwargs", default='{"channels": [32, 64, 128, 256]}', help="timm ResNet-18 arguments")
     parser.add_argument("--projector_dims", default="2048-2048-2048")
     parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--gpu", action="store_true", help="bf16, channels-last, on-device augmentation, 8 loader workers")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the results JSON to write")
     parser.add_argument("--smoke", action="store_true", help="a few hundred images, one epoch: checks the plumbing only")
     args = parser.parse_args()
-    if not (args.idx_dir / "train-images-idx3-ubyte.gz").is_file():
+    data = args.data_dir or args.work_dir / "data"
+    if not any(data.glob("train-*.parquet")) and not (args.idx_dir / "train-images-idx3-ubyte.gz").is_file():
         sys.exit(f"No Fashion-MNIST IDX files in {args.idx_dir}: apt-get install -y dataset-fashion-mnist")
+    destination = args.work_dir / "fashion_mnist.json" if args.smoke else args.results
+    started = time.perf_counter()
+    # The raw-pixel baseline needs only the CPU: it runs beside the GPU steps, in its own process.
+    background = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    raw_future = background.submit(raw_pixel_logistic_regression, args.idx_dir, 512 if args.smoke else None)
 
     from training.evaluate import main as evaluate
     from training.finetune import main as finetune
     from training.pretrain import main as pretrain
 
-    started = time.perf_counter()
-    data = convert(args.idx_dir, args.work_dir / "data")
+    convert(args.idx_dir, data)
     cap = ["--max_train_samples", "512", "--max_eval_samples", "256"] if args.smoke else []
-    epochs = "1" if args.smoke else str(args.pretrain_epochs)
-    model = ["--backbone", "resnet18", "--backbone_kwargs", args.backbone_kwargs, "--small_image_stem", "--image_size", "32"]
-    pretrain_args = [
-        "--dataset_name", str(data), "--output_dir", str(args.work_dir / "pretrained"), *model,
-        "--projector_dims", args.projector_dims, "--per_device_train_batch_size", str(args.batch_size),
-        "--num_train_epochs", epochs, "--warmup_epochs", "1" if args.smoke else "2", "--logging_steps", "50",
-        *(cap[:2]),
-    ]
-    pretrain(pretrain_args)
-    common_eval = ["--dataset_name", str(data), "--eval_split", "test", *cap]
-    results = evaluate([
-        *common_eval, "--model_name_or_path", str(args.work_dir / "pretrained"), "--output_dir", str(args.work_dir / "eval"),
-        "--protocol", "linear", "knn", "semi", "--label_fraction", "0.01", "0.1", "--knn_k", "20",
-        *(["--linear_epochs", "2", "--semi_epochs", "1"] if args.smoke else []),
-    ])
-    random_init = evaluate([
-        *common_eval, "--model_name_or_path", str(args.work_dir / "pretrained"), "--random_init",
+    speed = ["--mixed_precision", "bf16", "--channels_last", "--augment_on_device", "--dataloader_num_workers", "8"] if args.gpu else []
+    eval_speed = ["--mixed_precision", "bf16", "--dataloader_num_workers", "8", "--per_device_eval_batch_size", "1024"] if args.gpu else []
+    record: dict = {
+        "backbone": f"resnet18 {args.backbone_kwargs}, small-image stem, 32 px",
+        "projector_dims": args.projector_dims, "batch_size": args.batch_size, "smoke": args.smoke,
+        "command": "python benchmarks/fashion_mnist.py " + shlex.join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+        "hardware": _hardware(), "complete": False, "errors": {},
+    }
+
+    def save() -> None:
+        record["wall_time_s"] = round(time.perf_counter() - started, 1)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_text(json.dumps(record, indent=2) + "\n")
+
+    def step(name: str, fn):
+        """Run one step; a failure is recorded and the next steps still run."""
+        step_start = time.perf_counter()
+        try:
+            return fn()
+        except BaseException as error:  # noqa: BLE001 - SystemExit from a CLI included
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            record["errors"][name] = f"{type(error).__name__}: {error}"[-2000:]
+            return None
+        finally:
+            record.setdefault("step_seconds", {})[name] = round(time.perf_counter() - step_start, 1)
+            save()
+
+    epochs = args.pretrain_epochs
+    if args.pretrain_time_budget_s:
+        calibration = step("calibration", lambda: calibrated_epochs(args, data, speed, 60_000))
+        if calibration:
+            epochs, record["calibration_images_per_second"] = calibration[0], round(calibration[1], 1)
+    epochs = 1 if args.smoke else epochs
+    record["epochs"] = epochs
+    pretrained = args.work_dir / "pretrained"
+    step("pretrain", lambda: record.update(pretrain_metrics=pretrain(_pretrain_args(args, data, pretrained, str(epochs), speed, cap))))
+    common_eval = ["--dataset_name", str(data), "--no_streaming", "--eval_split", "test", *cap, *eval_speed]
+
+    def ssl_eval():
+        results = evaluate([
+            *common_eval, "--model_name_or_path", str(pretrained), "--output_dir", str(args.work_dir / "eval"),
+            "--protocol", "linear", "knn", "semi", "--label_fraction", "0.01", "0.1", "--knn_k", "20",
+            *(["--linear_epochs", "2", "--semi_epochs", "1"] if args.smoke else []),
+        ])
+        for key in ("linear_top1", "knn_top1", "semi_1pct_top1", "semi_10pct_top1"):
+            record[key] = results[key]
+
+    step("evaluate", ssl_eval)
+    step("random_init_linear", lambda: record.update(random_init_linear_top1=evaluate([
+        *common_eval, "--model_name_or_path", str(pretrained), "--random_init",
         "--output_dir", str(args.work_dir / "eval_random"), "--protocol", "linear",
         *(["--linear_epochs", "2"] if args.smoke else []),
-    ])
-    supervised = finetune([
-        "--dataset_name", str(data), "--eval_split", "test", *cap, "--model_name_or_path", str(args.work_dir / "pretrained"),
-        "--random_init", "--output_dir", str(args.work_dir / "supervised"), "--num_train_epochs", epochs,
-        "--per_device_train_batch_size", str(args.batch_size),
-    ])
-    raw = raw_pixel_logistic_regression(args.idx_dir, 512 if args.smoke else None)
-
-    import torch
-
-    record = {
-        "linear_top1": results["linear_top1"],
-        "knn_top1": results["knn_top1"],
-        "semi_1pct_top1": results["semi_1pct_top1"],
-        "semi_10pct_top1": results["semi_10pct_top1"],
-        "raw_pixel_logreg_top1": raw,
-        "random_init_linear_top1": random_init["linear_top1"],
-        "supervised_scratch_top1": supervised["eval_top1"],
-        "backbone": f"resnet18 {args.backbone_kwargs}, small-image stem, 32 px",
-        "projector_dims": args.projector_dims,
-        "epochs": int(epochs),
-        "hardware": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
-        "wall_time_s": round(time.perf_counter() - started, 1),
-        "command": "python benchmarks/fashion_mnist.py " + shlex.join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
-        "smoke": args.smoke,
-    }
-    destination = args.work_dir / "fashion_mnist.json" if args.smoke else RESULTS
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    destination.write_text(json.dumps(record, indent=2) + "\n")
+    ])["linear_top1"]))
+    step("supervised_scratch", lambda: record.update(supervised_scratch_top1=finetune([
+        "--dataset_name", str(data), "--no_streaming", "--eval_split", "test", *cap, *eval_speed,
+        "--model_name_or_path", str(pretrained), "--random_init", "--output_dir", str(args.work_dir / "supervised"),
+        "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(args.batch_size),
+    ])["eval_top1"]))
+    step("raw_pixel_logreg", lambda: record.update(raw_pixel_logreg_top1=raw_future.result()))
+    background.shutdown()
+    record["complete"] = not record["errors"]
+    save()
     print(json.dumps(record, indent=2))
     print(f"Wrote {destination}")
+
+
+def _hardware() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores"
+    return f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

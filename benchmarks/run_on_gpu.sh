@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU runs behind benchmarks/results/fashion_mnist.json and gpu_step.json, in one go, as they
+# were run on a lent single-GPU machine (no network there: the Fashion-MNIST parquet shards travel
+# with the repository, and the photos for the end-to-end run are cut from scikit-learn's samples).
+#
+#   OUT=/where/results/go bash benchmarks/run_on_gpu.sh PARQUET_DIR [FMNIST_SECONDS] [GPU_STEP_SECONDS]
+#
+# Each run has a hard time limit; fashion_mnist.py rewrites its JSON after every step, so a run
+# cut short still leaves what it finished.
+set -u
+DATA=${1:?the Fashion-MNIST parquet folder (benchmarks/fashion_mnist.py writes one)}
+FMNIST_SECONDS=${2:-380}
+GPU_STEP_SECONDS=${3:-170}
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf_home TOKENIZERS_PARALLELISM=false
+PYTHON=${PYTHON:-python3}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  nproc
+  "$PYTHON" -c "import sys, torch, torchvision, transformers, timm, accelerate, datasets, pyarrow
+print(sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers',
+      transformers.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__, 'datasets',
+      datasets.__version__, 'pyarrow', pyarrow.__version__, 'cuda', torch.cuda.is_available())"
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+# Pretraining budget: what is left of FMNIST_SECONDS after calibration, evaluation and baselines.
+timeout "$FMNIST_SECONDS" "$PYTHON" benchmarks/fashion_mnist.py --work_dir /tmp/fmnist --data_dir "$DATA" --gpu \
+  --batch_size 512 --backbone_kwargs '{}' --pretrain_time_budget_s $((FMNIST_SECONDS * 2 / 5)) \
+  --results "$OUT/fashion_mnist.json" > "$OUT/fashion_mnist.log" 2>&1
+echo "fashion_mnist.py exit $? after ${SECONDS}s"
+
+timeout "$GPU_STEP_SECONDS" "$PYTHON" benchmarks/gpu_step.py --e2e_data /tmp/photos --out_dir "$OUT" \
+  > "$OUT/gpu_step.log" 2>&1
+echo "gpu_step.py exit $? after ${SECONDS}s"
+tail -c 1500 "$OUT/fashion_mnist.log"
+tail -c 2500 "$OUT/gpu_step.log"
