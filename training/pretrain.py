@@ -232,6 +232,20 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         main_process_only=True,
     )
 
+    def make_loader(epoch_stream, persistent: bool) -> DataLoader:
+        return DataLoader(
+            epoch_stream, batch_size=train_args.per_device_train_batch_size, collate_fn=collator,
+            num_workers=data_args.dataloader_num_workers, drop_last=True,
+            # Workers live for the whole run rather than restarting every epoch: datasets shares
+            # set_epoch with them, so each epoch is still reshuffled.
+            persistent_workers=persistent,
+            pin_memory=accelerator.device.type == "cuda",  # lets to_views copy without blocking
+            # Its own generator: creating the loader must not draw from the global RNG, or a resumed
+            # run's augmentations would differ from an uninterrupted one's.
+            generator=torch.Generator().manual_seed(train_args.seed + state.epoch),
+        )
+
+    epoch_loader = None
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process, desc="pretraining")
     window = {"loss": 0.0, "on": 0.0, "off": 0.0, "steps": 0, "wait": 0.0, "start": time.perf_counter()}
     metrics: dict = {}
@@ -241,16 +255,17 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
 
     while state.global_step < total_steps:
         # An epoch is one pass over this process's shard; resuming skips what was consumed.
-        epoch_stream = stream.skip(state.examples_in_epoch) if state.examples_in_epoch else stream
-        epoch_stream.set_epoch(state.epoch)
-        loader = DataLoader(
-            epoch_stream, batch_size=train_args.per_device_train_batch_size, collate_fn=collator,
-            num_workers=data_args.dataloader_num_workers, drop_last=True,
-            # Its own generator: creating the loader must not draw from the global RNG, or a resumed
-            # run's augmentations would differ from an uninterrupted one's.
-            generator=torch.Generator().manual_seed(train_args.seed + state.epoch),
-        )
+        stream.set_epoch(state.epoch)
+        if state.examples_in_epoch:  # resumed mid-epoch: a one-off loader over the rest of it
+            rest = stream.skip(state.examples_in_epoch)
+            rest.set_epoch(state.epoch)  # skip() starts its copy at epoch 0
+            loader = make_loader(rest, persistent=False)
+        else:
+            if epoch_loader is None:
+                epoch_loader = make_loader(stream, persistent=data_args.dataloader_num_workers > 0)
+            loader = epoch_loader
         batches = iter(loader)
+        batches_this_epoch = 0
         while state.global_step < total_steps:
             wait_start = time.perf_counter()
             batch = next(batches, None)
@@ -260,6 +275,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
             if not has_batch:
                 break
             state.examples_in_epoch += train_args.per_device_train_batch_size
+            batches_this_epoch += 1
             state.skipped_images += int(batch["num_skipped"])
             if not enough:
                 logger.warning("Skipping a batch with fewer than two readable images.")
@@ -309,6 +325,8 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
                 metrics["knn_top1"] = knn.evaluate(accelerator.unwrap_model(model).barlow_twins, state.global_step)
         else:
             break  # total_steps reached in the middle of an epoch
+        if batches_this_epoch == 0:
+            raise TrainingStopped(f"Epoch {state.epoch} gave no batch of {train_args.per_device_train_batch_size} images.")
         state.epoch += 1
         state.examples_in_epoch = 0
         if out_args.checkpointing_steps == "epoch":

@@ -308,3 +308,24 @@ def test_torch_compile_flag_compiles_the_model_and_saves_it_uncompiled(tmp_path,
     assert compiled == ["BarlowTwinsForPreTraining"]
     keys = load_file(out / "model.safetensors").keys()
     assert keys and not any("_orig_mod" in k for k in keys)
+
+
+def test_loader_workers_start_once_and_every_epoch_is_complete(tmp_path, parquet_folder, monkeypatch):
+    # 96 images in 4 shards, batch 16: 6 full batches per epoch. With workers, one loader with
+    # persistent workers serves all epochs; each epoch must still deliver all 6 batches.
+    import training.pretrain as pretrain_module
+
+    made = []
+
+    class RecordingLoader(pretrain_module.DataLoader):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs.get("persistent_workers"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "DataLoader", RecordingLoader)
+    out = tmp_path / "run"
+    metrics = main(["--dataset_name", str(parquet_folder), "--no_streaming", "--output_dir", str(out),
+                    "--num_train_epochs", "3", "--dataloader_num_workers", "2", *TINY])
+    assert metrics["global_step"] == 18
+    assert made[0] is True and made.count(True) == 1  # later loaders: the held-out C plot only
+    assert [h["epoch"] for h in _history(out)] == [0] * 6 + [1] * 6 + [2] * 6
