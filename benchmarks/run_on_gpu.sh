@@ -33,6 +33,16 @@ timeout "$FMNIST_SECONDS" "$PYTHON" benchmarks/fashion_mnist.py --work_dir /tmp/
   --batch_size 512 --backbone_kwargs '{}' --pretrain_time_budget_s $((FMNIST_SECONDS * 2 / 5)) \
   --results "$OUT/fashion_mnist.json" > "$OUT/fashion_mnist.log" 2>&1
 echo "fashion_mnist.py exit $? after ${SECONDS}s"
+# The pretrained encoder comes back too (bf16, in parts under the 16 MB a returned file may have):
+#   cat encoder.tar.part-* | tar -x    gives encoder/, a folder that from_pretrained loads.
+"$PYTHON" -c "
+import sys, torch
+from modeling_barlow import BarlowTwinsModel, create_image_processor
+model = BarlowTwinsModel.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+model.save_pretrained('/tmp/encoder'); create_image_processor(model.config).save_pretrained('/tmp/encoder')
+" /tmp/fmnist/pretrained && tar -cf - -C /tmp encoder | split -b 15M - "$OUT/encoder.tar.part-"
+
+if [ -n "${SKIP_GPU_STEP:-}" ]; then exit 0; fi
 
 timeout $((TOTAL_SECONDS - SECONDS)) "$PYTHON" benchmarks/gpu_step.py --e2e_data /tmp/photos --out_dir "$OUT" \
   > "$OUT/gpu_step.log" 2>&1
