@@ -216,7 +216,7 @@ def main() -> None:
                              "sample photos with --e2e_images if it does not exist)")
     parser.add_argument("--e2e_images", type=int, default=12_288, help="photos to cut when --e2e_data must be made")
     parser.add_argument("--e2e_steps", type=int, default=40)
-    parser.add_argument("--e2e_workers", type=int, default=12)
+    parser.add_argument("--e2e_workers", type=int, default=14)
     parser.add_argument("--out_dir", type=Path, default=None, help="where to write (default benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="tiny network and batch: checks the plumbing")
     args = parser.parse_args()
@@ -224,7 +224,8 @@ def main() -> None:
         args.backbone_kwargs, args.image_size, args.projector_dims = '{"channels": [8, 16, 16, 32]}', 32, "64-64"
         args.backbone, args.batch_size, args.steps, args.runs, args.e2e_steps = "resnet18", 8, 2, 2, 4
     if args.e2e_data:  # before CUDA starts: the photos are cut in worker processes
-        make_photo_parquet(args.e2e_data, args.e2e_images)
+        # One shard per loader worker: datasets gives each worker whole shards, so fewer shards idle workers.
+        make_photo_parquet(args.e2e_data, args.e2e_images, shards=args.e2e_workers)
     torch.backends.cudnn.benchmark = True
     on_cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if on_cuda else None
