@@ -193,35 +193,53 @@ def write_result(
 
 
 # --------------------------------------------------------------------------------------------- data
-def _photo_crops(count: int, size: int, seed: int) -> list[dict]:
-    import io
-
+def photo_crops(count: int, short_side: int = 256, seed: int = 0) -> list:
+    """``count`` PIL RGB crops of scikit-learn's sample photos (china.jpg, flower.jpg; 427x640):
+    random position, area 25-100% of the largest crop of a random aspect ratio in [3/4, 4/3],
+    random flip, resized (bicubic) so that the short side is ``short_side``. Real photographs of
+    ImageNet-like size, made offline."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
     rng = np.random.default_rng(seed)
     photos = [Image.fromarray(p) for p in load_sample_images().images]
-    encoded = []
+    crops = []
     for _ in range(count):
         photo = photos[rng.integers(len(photos))]
-        side = int(rng.integers(min(photo.size) // 2, min(photo.size) + 1))
-        left, top = int(rng.integers(photo.width - side + 1)), int(rng.integers(photo.height - side + 1))
-        crop = photo.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+        aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))  # width / height
+        height = min(photo.height, photo.width / aspect) * np.sqrt(rng.uniform(0.25, 1.0))
+        width, height = round(height * aspect), round(height)
+        left, top = int(rng.integers(photo.width - width + 1)), int(rng.integers(photo.height - height + 1))
+        crop = photo.crop((left, top, left + width, top + height))
+        scale = short_side / min(crop.size)
+        crop = crop.resize((round(crop.width * scale), round(crop.height * scale)), Image.Resampling.BICUBIC)
         if rng.random() < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crops.append(crop)
+    return crops
+
+
+def _jpeg_rows(count: int, short_side: int, seed: int, quality: int) -> list[dict]:
+    import io
+
+    rows = []
+    for crop in photo_crops(count, short_side, seed):
         buffer = io.BytesIO()
-        crop.save(buffer, format="JPEG", quality=90)
-        encoded.append({"bytes": buffer.getvalue(), "path": None})
-    return encoded
+        crop.save(buffer, format="JPEG", quality=quality)
+        rows.append({"bytes": buffer.getvalue(), "path": None})
+    return rows
 
 
-def make_photo_parquet(out_dir: Path, count: int, size: int = 256, shards: int = 8, seed: int = 0) -> Path:
-    """``count`` JPEGs cut from scikit-learn's two sample photos (random crops, resized to ``size``
-    px, random flips), as parquet shards with an image column that ``load_dataset(out_dir)`` reads.
+def make_photo_parquet(
+    out_dir: Path, count: int, short_side: int = 256, shards: int = 8, seed: int = 0, quality: int = 90,
+    processes: int = 1,
+) -> Path:
+    """:func:`photo_crops` as JPEG bytes in parquet shards ``train-0000i.parquet`` that
+    ``load_dataset(out_dir)`` reads; written once and reused.
 
-    Real photographs of ImageNet-like size, made offline (one process per shard); each folder is
-    written once and reused.
+    With ``processes`` > 1 each shard is cut in its own process from its own seed (faster; other
+    crops, same distribution); with 1, all come from ``seed`` in one sequence.
     """
     import concurrent.futures
     import multiprocessing
@@ -233,11 +251,16 @@ def make_photo_parquet(out_dir: Path, count: int, size: int = 256, shards: int =
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     features = datasets.Features({"image": datasets.Image()})
-    sizes = [count // shards + (index < count % shards) for index in range(shards)]
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(min(shards, os.cpu_count() or 1), mp_context=context) as pool:
-        parts = pool.map(_photo_crops, sizes, [size] * shards, [seed * 1000 + index for index in range(shards)])
-        for index, part in enumerate(parts):
-            table = datasets.Dataset.from_dict({"image": part}, features=features)
-            table.to_parquet(str(out_dir / f"train-{index:05d}.parquet"))
+    if processes == 1:
+        table = datasets.Dataset.from_dict({"image": _jpeg_rows(count, short_side, seed, quality)}, features=features)
+        parts = [table.shard(shards, index) for index in range(shards)]
+    else:
+        sizes = [count // shards + (index < count % shards) for index in range(shards)]
+        seeds = [seed * 1000 + index for index in range(shards)]
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(shards, processes), mp_context=context) as pool:
+            rows = pool.map(_jpeg_rows, sizes, [short_side] * shards, seeds, [quality] * shards)
+            parts = [datasets.Dataset.from_dict({"image": part}, features=features) for part in rows]
+    for index, part in enumerate(parts):
+        part.to_parquet(str(out_dir / f"train-{index:05d}.parquet"))
     return out_dir

@@ -225,7 +225,7 @@ def main() -> None:
         args.backbone, args.batch_size, args.steps, args.runs, args.e2e_steps = "resnet18", 8, 2, 2, 4
     if args.e2e_data:  # before CUDA starts: the photos are cut in worker processes
         # One shard per loader worker: datasets gives each worker whole shards, so fewer shards idle workers.
-        make_photo_parquet(args.e2e_data, args.e2e_images, shards=args.e2e_workers)
+        make_photo_parquet(args.e2e_data, args.e2e_images, shards=args.e2e_workers, processes=args.e2e_workers)
     torch.backends.cudnn.benchmark = True
     on_cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if on_cuda else None

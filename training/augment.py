@@ -3,17 +3,20 @@
 Two interchangeable implementations draw from the same distributions:
 
 * CPU path (:class:`TwoViewTransform`), for DataLoader workers: PIL image -> two normalised float
-  views, built from ``torchvision.transforms.v2`` and working on uint8 tensors until the end.
+  views. Per view: torchvision's random-resized crop on uint8, then one conversion to float32 and
+  flip, colour jitter, grayscale, blur, solarisation and normalisation in place on the crop
+  (:class:`_CpuView`), written for one thread: few, cheap tensor ops and no per-op dispatch.
 * Device path: :class:`TwoViewCropTransform` only crops on the CPU (uint8 out), then
   :class:`TwoViewBatchAugmentation` / :class:`BatchedViewAugmentation` do flip, colour, blur,
   solarise and normalisation on whole batches (CPU or CUDA), with per-sample random parameters.
 
-The device path works in float32 on [0, 1] data, so it does not reproduce the CPU path's uint8
-rounding between ops (differences of about 1/255 per op); the distributions are identical.
+Both paths work in float32 after the crop, with no rounding between ops, and share the colour
+and blur formulas (torchvision's float ops); the distributions are identical.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
@@ -38,6 +41,9 @@ __all__ = [
 BICUBIC = v2.InterpolationMode.BICUBIC
 # ITU-R 601-2 luma, the weights torchvision's rgb_to_grayscale uses.
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+_TINY = torch.finfo(torch.float32).tiny
+# (h6 + offset) mod 6 - 3 is the signed hue distance to the red, green and blue peaks.
+_HUE_OFFSETS = torch.tensor([0.0, 4.0, 2.0]).view(1, 3, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -120,20 +126,26 @@ def _gray(x: Tensor) -> Tensor:
     return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b).unsqueeze(1)
 
 
-def _adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate the hue of RGB float (B, 3, H, W) in [0, 1] by per-sample ``shift`` (B,) turns."""
+def _adjust_hue(x: Tensor, shift: Tensor | float) -> Tensor:
+    """Rotate the hue of RGB float (B, 3, H, W) by per-sample ``shift`` (B,) turns (or one float).
+
+    Any value scale works (0..1 or 0..255): the result is a per-pixel mix of its max and min.
+    Written for one CPU thread: ``amax``/``amin`` and floor-based wrapping instead of ``aminmax``
+    and ``%`` (each several times slower there), one broadcast pass for the three channels.
+    """
     r, g, b = x.unbind(dim=1)
-    minc, maxc = torch.aminmax(x, dim=1)
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
     delta = maxc - minc
     # Hue in sixths of a turn, as in torchvision's _rgb_to_hsv (grey pixels get 0 and stay grey).
-    num = torch.where(maxc == r, g - b, torch.where(maxc == g, b - r + 2 * delta, r - g + 4 * delta))
-    h6 = (num / torch.where(delta > 0, delta, 1.0) + 6 * shift.view(-1, 1, 1)) % 6
-    # Closed-form HSV -> RGB: c_n = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6, v*s = delta.
-    out = []
-    for n in (5, 3, 1):
-        k = (h6 + n) % 6
-        out.append(maxc - delta * torch.minimum(k, 4 - k).clamp_(0, 1))
-    return torch.stack(out, dim=1)
+    num = torch.where(
+        maxc == r, g - b, torch.where(maxc == g, (b - r).add_(delta, alpha=2), (r - g).add_(delta, alpha=4))
+    )
+    h6 = num.div_(delta.clamp(min=_TINY)).add_(6 * shift.view(-1, 1, 1) if isinstance(shift, Tensor) else 6 * shift)
+    # Closed-form HSV -> RGB: c_n = v - v*s*f_n, v*s = delta, f_n = clamp(2 - d_n, 0, 1), where d_n is
+    # the distance on the hue circle (circumference 6) from h6 to channel n's peak (0 red, 2 green, 4 blue).
+    t = h6.unsqueeze(1) + _HUE_OFFSETS.to(x.device, x.dtype)
+    d = t.sub_(t.div(6).floor_().mul_(6)).sub_(3).abs_()
+    return torch.addcmul(maxc.unsqueeze(1), delta.unsqueeze(1), d.neg_().add_(2).clamp_(0, 1), value=-1)
 
 
 # --------------------------------------------------------------------------- CPU path
@@ -144,21 +156,69 @@ def _to_uint8_tensor(image: Image.Image | Tensor, num_channels: int) -> Tensor:
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL warns on P -> RGB with transparency
     # RGBA/LA: alpha is dropped, not composited, as torchvision's datasets do.
-    image = image.convert("RGB" if num_channels == 3 else "L")
+    mode = "RGB" if num_channels == 3 else "L"
+    if image.mode != mode:  # convert() to the same mode would only copy
+        image = image.convert(mode)
     return v2.functional.pil_to_tensor(image)
 
 
+def _blur_image(x: Tensor, sigma: float, kernel_size: int) -> Tensor:
+    """Gaussian blur of one float (C, H, W) image; the same kernel and reflect padding as :func:`_blur`.
+
+    Separable, as k shifted multiply-adds per axis: on one CPU thread (a DataLoader worker) this is
+    as fast as a grouped conv2d at 224 px and several times faster on small images, where conv2d's
+    set-up dominates.
+    """
+    _, h, w = x.shape
+    half = (kernel_size - 1) / 2  # the taps of _gaussian_kernels, in Python (no tensor set-up per image)
+    taps = [math.exp(-0.5 * ((i - half) / sigma) ** 2) for i in range(kernel_size)]
+    taps = [t / sum(taps) for t in taps]
+    pad = kernel_size // 2
+    y = F.pad(x[None], (pad, pad, pad, pad), mode="reflect")[0]
+    rows = y[:, :, :w] * taps[0]
+    for i in range(1, kernel_size):
+        rows.add_(y[:, :, i:i + w], alpha=taps[i])
+    out = rows[:, :h] * taps[0]
+    for i in range(1, kernel_size):
+        out.add_(rows[:, i:i + h], alpha=taps[i])
+    return out
+
+
+def _crop_box(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w): ``torchvision.transforms.RandomResizedCrop.get_params``' distribution (10
+    tries of area ~ U[scale] x image area and log aspect ~ U[log ratio], then a central crop of the
+    clamped aspect), with all its random numbers drawn from torch's RNG in one call."""
+    area, log_lo, log_hi = height * width, math.log(ratio[0]), math.log(ratio[1])
+    u = torch.rand(40).tolist()
+    for attempt in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[4 * attempt])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[4 * attempt + 1])
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u[4 * attempt + 2] * (height - h + 1)), int(u[4 * attempt + 3] * (width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 class _RandomSigmaBlur(nn.Module):
-    """Gaussian blur of a uint8 (C, H, W) tensor with sigma ~ U[lo, hi]; the separable kernel is
-    ~10x faster than ``v2.GaussianBlur``'s 2-D conv at 224 px, and rounds back to uint8 like it."""
+    """Gaussian blur of a uint8 (C, H, W) tensor with sigma ~ U[lo, hi], rounded back to uint8 like
+    ``v2.GaussianBlur`` (and drawing sigma as it does): the CPU path's blur kernel in isolation."""
 
     def __init__(self, kernel_size: int, sigma: tuple[float, float]) -> None:
         super().__init__()
         self.kernel_size, self.sigma = kernel_size, sigma
 
     def forward(self, image: Tensor) -> Tensor:
-        sigma = torch.empty(1).uniform_(*self.sigma)
-        out = _blur(image[None].float(), sigma, self.kernel_size)[0]
+        sigma = torch.empty(1).uniform_(*self.sigma).item()
+        out = _blur_image(image.float(), sigma, self.kernel_size)
         return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -178,33 +238,83 @@ def _crop(p: ViewAugmentationParams, image_size: int, interpolation: v2.Interpol
     return v2.RandomResizedCrop(image_size, p.crop_scale, p.crop_ratio, interpolation=interpolation, antialias=True)
 
 
-def _cpu_view(
-    p: ViewAugmentationParams, image_size: int, num_channels: int, interpolation: v2.InterpolationMode
-) -> v2.Compose:
-    """One view's uint8 pipeline (ops with p = 0 are left out, which changes no distribution)."""
-    rgb = num_channels == 3
-    ops: list[nn.Module] = [_crop(p, image_size, interpolation)]
-    if p.flip_p > 0:
-        ops.append(v2.RandomHorizontalFlip(p.flip_p))
-    # Saturation, hue and grayscale are identities on one channel; torchvision would skip them too.
-    strengths = (p.brightness, p.contrast, p.saturation if rgb else 0.0, p.hue if rgb else 0.0)
-    if p.jitter_p > 0 and any(strengths):
-        # ColorJitter applies its four ops in a fresh random order per image.
-        ops.append(v2.RandomApply([v2.ColorJitter(*(s or None for s in strengths))], p=p.jitter_p))
-    if rgb and p.grayscale_p > 0:
-        ops.append(v2.RandomGrayscale(p.grayscale_p))  # keeps 3 channels
-    if p.blur_p > 0:
-        ops.append(v2.RandomApply([_RandomSigmaBlur(p.blur_kernel_size(image_size), p.blur_sigma)], p=p.blur_p))
-    if p.solarize_p > 0:
-        ops.append(v2.RandomSolarize(threshold=p.solarize_threshold, p=p.solarize_p))
-    return v2.Compose(ops)
+class _CpuView:
+    """One view on one image: uint8 (C, H, W) -> normalised float32 (C, S, S).
+
+    The random-resized crop runs on uint8 (torchvision's kernel, rounded to uint8), so everything
+    after it touches only S x S pixels; the view is then converted to float32 once, on the 0..255
+    scale, and flip, colour jitter, grayscale, blur, solarisation and normalisation work in place
+    on it, with no rounding between ops (as the device path). Each op is applied with its own
+    probability and uniform parameters, drawn from torch's global RNG (seeded per DataLoader
+    worker) in one call; ColorJitter's four ops run in a fresh uniformly random order. A grayscale
+    view stays one channel until the normalisation broadcasts it to C equal channels.
+    """
+
+    _DRAWS = 14  # 5 coins, 4 jitter factors, 4 order keys, 1 blur sigma
+
+    def __init__(
+        self,
+        p: ViewAugmentationParams,
+        image_size: int,
+        num_channels: int,
+        interpolation: v2.InterpolationMode,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        self.p, self.size, self.interpolation = p, [image_size, image_size], interpolation
+        self.rgb = num_channels == 3
+        self.kernel_size = p.blur_kernel_size(image_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255
+        self.gray_weights = torch.tensor(_GRAY_WEIGHTS, dtype=torch.float32)
+        # Saturation, hue and grayscale are identities on one channel, and strength 0 is no op.
+        strengths = (p.brightness, p.contrast, p.saturation if self.rgb else 0.0, p.hue if self.rgb else 0.0)
+        self.jitter_ops = [op for op, s in enumerate(strengths) if s > 0]
+        self.factor_lo = [max(0.0, 1 - p.brightness), max(0.0, 1 - p.contrast), max(0.0, 1 - p.saturation), -p.hue]
+        self.factor_hi = [1 + p.brightness, 1 + p.contrast, 1 + p.saturation, p.hue]
+
+    def __call__(self, image: Tensor) -> Tensor:
+        p = self.p
+        top, left, height, width = _crop_box(image.shape[-2], image.shape[-1], p.crop_scale, p.crop_ratio)
+        x = v2.functional.resized_crop(image, top, left, height, width, self.size, self.interpolation, antialias=True)
+        u = torch.rand(self._DRAWS).tolist()
+        if u[0] < p.flip_p:
+            x = x.flip(-1)
+        x = x.to(torch.float32, copy=True)  # our own buffer: every op below may work in place
+        if u[1] < p.jitter_p and self.jitter_ops:
+            x = self._jitter(x, u[5:9], u[9:13])
+        if self.rgb and u[2] < p.grayscale_p:
+            x = _gray(x[None])[0]
+        if u[3] < p.blur_p:
+            x = _blur_image(x, p.blur_sigma[0] + (p.blur_sigma[1] - p.blur_sigma[0]) * u[13], self.kernel_size)
+        if u[4] < p.solarize_p:
+            x = torch.where(x >= p.solarize_threshold, 255 - x, x)
+        return (x - self.mean).div_(self.std)
+
+    def _jitter(self, x: Tensor, draws: list[float], keys: list[float]) -> Tensor:
+        """torchvision's float ColorJitter on the 0..255 scale: blends clamped to the range, hue
+        rotated in HSV; ``keys`` order the ops (sorting iid uniforms: a uniform permutation)."""
+        for op in sorted(self.jitter_ops, key=keys.__getitem__):
+            f = self.factor_lo[op] + (self.factor_hi[op] - self.factor_lo[op]) * draws[op]
+            if op == 0:  # brightness: blend with black
+                x.mul_(f).clamp_(0, 255)
+            elif op == 1:  # contrast: blend with the mean luma (of the per-channel means: the same number)
+                mean = (x.mean(dim=(1, 2)) * self.gray_weights).sum() if self.rgb else x.mean()
+                x.mul_(f).add_(mean * (1 - f)).clamp_(0, 255)
+            elif op == 2:  # saturation: blend with the luma
+                gray = _gray(x[None])[0]
+                x.mul_(f).add_(gray, alpha=1 - f).clamp_(0, 255)
+            else:  # hue
+                x = _adjust_hue(x[None], f)[0]
+        return x
 
 
 class TwoViewTransform:
     """PIL image (mode L, RGB, RGBA, P, ...) -> (view1, view2), float32 (C, S, S), normalised.
 
     ``num_channels`` 3 converts to RGB, 1 to L (then saturation, hue and grayscale are skipped).
-    ``mean``/``std`` are the backbone's, on the [0, 1] scale, one value per channel.
+    ``mean``/``std`` are the backbone's, on the [0, 1] scale, one value per channel. A uint8
+    (C, H, W) tensor is taken as it is. See :class:`_CpuView` for how each view is made.
     """
 
     def __init__(
@@ -219,9 +329,8 @@ class TwoViewTransform:
         _check_channels(num_channels, mean, std)
         self.num_channels = num_channels
         view_params = view_params or barlow_twins_view_params()
-        finish = _ToNormalizedFloat(mean, std)
         self.view1, self.view2 = (
-            v2.Compose([_cpu_view(p, image_size, num_channels, interpolation), finish]) for p in view_params
+            _CpuView(p, image_size, num_channels, interpolation, mean, std) for p in view_params
         )
 
     def __call__(self, image: Image.Image | Tensor) -> tuple[Tensor, Tensor]:
