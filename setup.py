@@ -32,6 +32,8 @@ setup(
     extras_require={
         "dev": ["pytest>=8.0"],
         "tracking": ["tensorboard>=2.14"],
+        # The peer library the benchmarks compare against (benchmarks/train_step_cpu.py, benchmarks/loss.py).
+        "bench": ["lightly==1.6.0"],
     },
     entry_points={
         "console_scripts": [

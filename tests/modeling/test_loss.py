@@ -45,6 +45,17 @@ def test_matches_fp64_reference_value_and_gradient(n, d, path):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["gram", "direct"])
+def test_gradient_when_only_one_view_requires_it(path):
+    # The one-process Gram path has its own backward; a view without gradient must get none.
+    z1, z2 = torch.randn(16, 48), torch.randn(16, 48).requires_grad_(True)
+    (grad,) = torch.autograd.grad(barlow_twins_loss(z1, z2, path=path).loss, (z2,))
+    r2 = z2.detach().double().requires_grad_(True)
+    (want,) = torch.autograd.grad(reference_loss(z1, r2, 0.0051)[0], (r2,))
+    torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-6)
+    assert z1.grad is None
+
+
 def test_gram_and_direct_paths_agree_at_paper_width():
     z1, z2 = torch.randn(64, 2048, requires_grad=True), torch.randn(64, 2048, requires_grad=True)
     gram = barlow_twins_loss(z1, z2, path="gram")

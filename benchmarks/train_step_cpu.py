@@ -1,0 +1,297 @@
+"""One Barlow Twins training step on the CPU: ours against lightly, images per second and peak memory.
+
+    python benchmarks/train_step_cpu.py
+
+Both contenders train the same timm ResNet-18 (small-image stem, 32 px; built by our
+``BarlowTwinsModel`` from one seed, and checked to hold the same weights) on the same two random
+batches of 256 images (512 views through the backbone per step):
+
+* ours: ``BarlowTwinsForPreTraining`` (projector 8192-8192-8192, ``barlow_twins_loss`` on its
+  automatic path, Gram here since N = 256 < D = 8192) and ``create_optimizer(model, "lars", ...)``;
+* baseline: the same backbone, lightly's ``BarlowTwinsProjectionHead(512, 8192, 8192)``,
+  ``BarlowTwinsLoss`` and ``LARS`` with the same hyper-parameters and the same two groups
+  (multi-dimensional weights with decay and adaptation; biases and norm parameters with neither,
+  which lightly's LARS does for any group whose weight decay is 0).
+
+One step is: forward of both views, loss, backward, ``optimizer.step()``, ``zero_grad()``.
+Learning rates, weight decay and lambda are the defaults of ``training/arguments.py``.
+
+Time: ``common.alternate``, ``--runs`` runs of ``--steps_per_run`` steps each after one warm-up
+run; medians. Memory: each contender in its own process (``--memory_worker ours|baseline``), peak
+resident set above the start over two steps right after set-up (so it includes the gradients and
+the momentum buffers that the first step allocates). ``--profile`` prints where a step's time goes
+(each part timed alone, plus torch.profiler's top operators) and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import alternate, measure_peak_above_start, median, run_memory_worker, timed, write_result  # noqa: E402
+
+
+NAME = "train_step_cpu"
+TARGET = "ratio >= 1.3, memory_ratio <= 0.8"
+IMAGE_SIZE = 32
+PROJECTOR = [8192, 8192, 8192]
+SEED = 0
+
+
+def _paper_hyper_parameters() -> dict:
+    """The defaults of training/arguments.py (read, not copied, so the two cannot drift apart)."""
+    from training.arguments import ModelArguments, PretrainingArguments
+
+    def default(cls, name):
+        return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+    return {
+        "learning_rate_weights": default(PretrainingArguments, "learning_rate_weights"),
+        "learning_rate_biases": default(PretrainingArguments, "learning_rate_biases"),
+        "weight_decay": default(PretrainingArguments, "weight_decay"),
+        "off_diagonal_weight": default(ModelArguments, "off_diagonal_weight"),
+        "momentum": 0.9,
+        "trust_coefficient": 0.001,
+    }
+
+
+def _config(hp: dict):
+    from modeling_barlow import BarlowTwinsConfig
+
+    return BarlowTwinsConfig(
+        backbone="resnet18",
+        small_image_stem=True,
+        image_size=IMAGE_SIZE,
+        projector_dims=PROJECTOR,
+        off_diagonal_weight=hp["off_diagonal_weight"],
+    )
+
+
+def build_ours(hp: dict, batch_size: int):
+    """Our model and optimizer, and one training step over (x1, x2)."""
+    from modeling_barlow import BarlowTwinsForPreTraining
+    from training.optim import create_optimizer
+
+    torch.manual_seed(SEED)
+    model = BarlowTwinsForPreTraining(_config(hp)).train()
+    optimizer = create_optimizer(
+        model,
+        "lars",
+        hp["learning_rate_weights"],
+        hp["learning_rate_biases"],
+        hp["weight_decay"],
+        global_batch_size=batch_size,
+        momentum=hp["momentum"],
+        trust_coefficient=hp["trust_coefficient"],
+    )
+
+    def step(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        loss = model(x1, x2).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.detach()
+
+    return model, optimizer, step
+
+
+def _backbone(hp: dict) -> torch.nn.Module:
+    """The timm backbone exactly as our model builds it (same seed first, so the same weights)."""
+    from modeling_barlow import BarlowTwinsModel
+
+    torch.manual_seed(SEED)
+    return BarlowTwinsModel(_config(hp)).backbone
+
+
+def build_baseline(hp: dict, batch_size: int):
+    """The same backbone with lightly's head, loss and LARS, and one training step over (x1, x2)."""
+    from lightly.loss import BarlowTwinsLoss
+    from lightly.models.modules import BarlowTwinsProjectionHead
+    from lightly.utils.lars import LARS
+
+    backbone = _backbone(hp)
+    head = BarlowTwinsProjectionHead(backbone.num_features, PROJECTOR[0], PROJECTOR[-1])
+    model = torch.nn.Sequential(backbone, head).train()
+    criterion = BarlowTwinsLoss(lambda_param=hp["off_diagonal_weight"])
+    # The paper's two groups, scaled like create_optimizer (lr * batch / 256); lightly's LARS skips
+    # the trust ratio for any parameter whose group has weight decay 0, i.e. the biases group.
+    scale = batch_size / 256
+    weights = [p for p in model.parameters() if p.ndim > 1]
+    biases = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = LARS(
+        [
+            {"params": weights, "lr": hp["learning_rate_weights"] * scale, "weight_decay": hp["weight_decay"]},
+            {"params": biases, "lr": hp["learning_rate_biases"] * scale, "weight_decay": 0.0},
+        ],
+        lr=hp["learning_rate_weights"] * scale,
+        momentum=hp["momentum"],
+        trust_coefficient=hp["trust_coefficient"],
+    )
+
+    def step(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        loss = criterion(model(x1), model(x2))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.detach()
+
+    return model, optimizer, step
+
+
+BUILDERS = {"ours": build_ours, "baseline": build_baseline}
+
+
+def _inputs(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    shape = (batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)
+    return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+
+
+def memory_worker(name: str, args: argparse.Namespace) -> None:
+    """Peak resident set above the start over two steps, right after set-up; prints one JSON line."""
+    torch.set_num_threads(args.threads)
+    hp = _paper_hyper_parameters()
+    _, _, step = BUILDERS[name](hp, args.batch_size)
+    x1, x2 = _inputs(args.batch_size)
+    peak = measure_peak_above_start(lambda: [step(x1, x2) for _ in range(2)])
+    print(json.dumps({"contender": name, "peak_bytes": peak}))
+
+
+def _same_backbone(ours, baseline) -> bool:
+    a, b = ours.barlow_twins.backbone.state_dict(), baseline[0].state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def profile(args: argparse.Namespace) -> None:
+    """Where one step's time goes, each part timed alone after a warm-up step; prints only."""
+    from lightly.loss import BarlowTwinsLoss
+
+    from modeling_barlow import barlow_twins_loss
+
+    hp = _paper_hyper_parameters()
+    x1, x2 = _inputs(args.batch_size)
+    ours, ours_opt, ours_step = build_ours(hp, args.batch_size)
+    base, base_opt, base_step = build_baseline(hp, args.batch_size)
+    ours_step(x1, x2), base_step(x1, x2)  # warm-up; allocates the momentum buffers
+
+    def fwd_bwd(fn):
+        def run():
+            out = fn()
+            out.backward(torch.ones_like(out) if out.ndim else None)
+        return run
+
+    backbone = ours.barlow_twins
+    pooled = backbone(x1).pooler_output.detach().requires_grad_()
+    z1 = ours.projector(pooled).detach().requires_grad_()
+    z2 = ours.projector(backbone(x2).pooler_output.detach()).detach().requires_grad_()
+    lightly_loss = BarlowTwinsLoss(lambda_param=hp["off_diagonal_weight"])
+    parts = {
+        "backbone fwd+bwd, 2 views": fwd_bwd(lambda: backbone(x1).pooler_output.sum() + backbone(x2).pooler_output.sum()),
+        "our projector fwd+bwd, 2 views": fwd_bwd(lambda: ours.projector(pooled).sum() * 2),
+        "lightly head fwd+bwd, 2 views": fwd_bwd(lambda: base[1](pooled).sum() * 2),
+        "our loss fwd+bwd (Gram)": fwd_bwd(lambda: barlow_twins_loss(z1, z2, hp["off_diagonal_weight"]).loss),
+        "lightly loss fwd+bwd": fwd_bwd(lambda: lightly_loss(z1, z2)),
+    }
+    # Optimizer steps need gradients: one backward each, then time step() alone.
+    ours(x1, x2).loss.backward()
+    base_loss = lightly_loss(base(x1), base(x2))
+    base_loss.backward()
+    times = {name: timed(fn) for name, fn in parts.items()}
+    times["our LARS step (timm Lars)"] = timed(ours_opt.step)
+    times["lightly LARS step"] = timed(base_opt.step)
+    ours_opt.zero_grad(), base_opt.zero_grad()
+    for name, seconds in times.items():
+        print(f"{name:40s} {seconds:8.2f} s")
+    for name, step in (("ours", ours_step), ("baseline", base_step)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step(x1, x2)
+        print(f"\n=== torch.profiler, one full step: {name} ===")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch_size", type=int, default=256, help="Images per view per step.")
+    parser.add_argument("--runs", type=int, default=5, help="Timed runs per contender (alternating).")
+    parser.add_argument("--steps_per_run", type=int, default=1, help="Training steps in one timed run.")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both contenders.")
+    parser.add_argument("--memory_worker", choices=sorted(BUILDERS), help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="Print where a step's time goes; write nothing.")
+    parser.add_argument("--profile_rows", type=int, default=25)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        return memory_worker(args.memory_worker, args)
+    if args.profile:
+        return profile(args)
+
+    started = time.perf_counter()
+    hp = _paper_hyper_parameters()
+    x1, x2 = _inputs(args.batch_size)
+    ours_model, _, ours_step = build_ours(hp, args.batch_size)
+    base_model, _, base_step = build_baseline(hp, args.batch_size)
+    if not _same_backbone(ours_model, base_model):
+        raise RuntimeError("the two contenders' backbones differ; the comparison would not be like for like")
+    losses = {"ours": [], "baseline": []}
+
+    def run(name, step):
+        def one_run() -> float:
+            def steps():
+                for _ in range(args.steps_per_run):
+                    losses[name].append(float(step(x1, x2)))
+            return timed(steps) / args.steps_per_run
+        return one_run
+
+    samples = alternate({"ours": run("ours", ours_step), "baseline": run("baseline", base_step)}, runs=args.runs)
+    del ours_model, base_model, ours_step, base_step
+    worker_args = ["--batch_size", str(args.batch_size), "--threads", str(args.threads)]
+    memory = {
+        name: run_memory_worker(Path(__file__), [*worker_args, "--memory_worker", name])["peak_bytes"]
+        for name in ("ours", "baseline")
+    }
+    seconds = {name: median(values) for name, values in samples.items()}
+    images = {name: args.batch_size / s for name, s in seconds.items()}
+    details = {
+        "batch_size_per_view": args.batch_size,
+        "views_per_step": 2 * args.batch_size,
+        "image_size": IMAGE_SIZE,
+        "backbone": "timm resnet18, small-image stem (3x3/1 conv, no max-pool), same weights for both",
+        "projector": PROJECTOR,
+        "hyper_parameters": hp,
+        "ours": "BarlowTwinsForPreTraining + barlow_twins_loss (auto: Gram) + training.optim.create_optimizer('lars') (timm Lars)",
+        "baseline": "same backbone + lightly BarlowTwinsProjectionHead + BarlowTwinsLoss + lightly.utils.lars.LARS",
+        "runs": args.runs,
+        "steps_per_run": args.steps_per_run,
+        "warmup_runs": 1,
+        "seconds_per_step": {name: [round(v, 3) for v in values] for name, values in samples.items()},
+        "median_seconds_per_step": {name: round(s, 3) for name, s in seconds.items()},
+        "images_per_s": {name: round(v, 3) for name, v in images.items()},
+        "views_per_s": {name: round(2 * v, 3) for name, v in images.items()},
+        "peak_rss_above_start_bytes": memory,
+        "peak_rss_above_start_gib": {name: round(b / 2**30, 3) for name, b in memory.items()},
+        "memory_method": "own process each; VmHWM - VmRSS over 2 steps right after set-up (includes grads and momentum buffers)",
+        "first_and_last_loss": {name: [round(v[0], 3), round(v[-1], 3)] for name, v in losses.items()},
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_result(
+        NAME,
+        ours=images["ours"],
+        baseline=images["baseline"],
+        unit="images/s (pairs of views)",
+        higher_is_better=True,
+        memory_ratio=memory["ours"] / memory["baseline"],
+        target=TARGET,
+        details=details,
+    )
+
+
+if __name__ == "__main__":
+    main()
