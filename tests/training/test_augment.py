@@ -24,7 +24,7 @@ from training.augment import (
     ViewAugmentationParams,
     barlow_twins_view_params,
 )
-from training.augment import _RandomSigmaBlur
+from training.augment.cpu import _RandomSigmaBlur
 
 # The paper's table (BYOL augmentations), written out independently of the module: (view 1, view 2).
 PAPER_P = {
