@@ -10,12 +10,14 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 from transformers import HfArgumentParser
+
+from .augment.params import ViewAugmentationParams, barlow_twins_view_params
 
 
 __all__ = [
@@ -141,16 +143,37 @@ class PretrainingArguments:
         default=False,
         metadata={"help": "Compile the model with torch.compile (inductor). The first steps are slow while it compiles."},
     )
+    # The paper's values are for 224 px ImageNet. On 32 px images a blur leaves little detail, and
+    # small-image recipes (solo-learn's and lightly's CIFAR-10 benchmarks) turn it off: `0 0`.
+    blur_probability: list[float] = field(
+        default_factory=lambda: [1.0, 0.1],
+        metadata={"help": "Probability of a Gaussian blur in view 1 and in view 2 (the paper's 1.0 0.1)."},
+    )
+    solarization_probability: list[float] = field(
+        default_factory=lambda: [0.0, 0.2],
+        metadata={"help": "Probability of solarisation in view 1 and in view 2 (the paper's 0.0 0.2)."},
+    )
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
             _positive(name, getattr(self, name))
+        for name in ("blur_probability", "solarization_probability"):
+            values = getattr(self, name)
+            if len(values) != 2 or not all(0 <= v <= 1 for v in values):
+                raise ValueError(f"--{name} takes two probabilities in [0, 1], one per view, got {values}.")
         if self.num_train_epochs <= 0:
             raise ValueError("--num_train_epochs must be > 0.")
         if min(self.learning_rate_weights, self.learning_rate_biases, self.weight_decay, self.warmup_epochs) < 0:
             raise ValueError("Learning rates, --weight_decay and --warmup_epochs must be >= 0.")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError("--warmup_steps must be >= 0.")
+
+    def view_params(self) -> tuple[ViewAugmentationParams, ViewAugmentationParams]:
+        """The two views' augmentation parameters: the paper's, with these blur and solarisation odds."""
+        return tuple(
+            replace(params, blur_p=blur, solarize_p=solarize)
+            for params, blur, solarize in zip(barlow_twins_view_params(), self.blur_probability, self.solarization_probability)
+        )
 
 
 @dataclass

@@ -178,11 +178,14 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         max_samples=data_args.max_train_samples,
     )
     interpolation = v2.InterpolationMode(config.interpolation)
+    view_params = train_args.view_params()
     if train_args.augment_on_device:
-        transform = TwoViewCropTransform(config.image_size, config.num_channels, interpolation)
-        device_augment = TwoViewBatchAugmentation(config.image_mean, config.image_std).to(accelerator.device)
+        transform = TwoViewCropTransform(config.image_size, config.num_channels, interpolation, view_params)
+        device_augment = TwoViewBatchAugmentation(config.image_mean, config.image_std, view_params).to(accelerator.device)
     else:
-        transform = TwoViewTransform(config.image_size, config.image_mean, config.image_std, config.num_channels, interpolation)
+        transform = TwoViewTransform(
+            config.image_size, config.image_mean, config.image_std, config.num_channels, interpolation, view_params
+        )
         device_augment = None
     collator = TwoViewCollator(transform, image_column, config.num_channels)
 

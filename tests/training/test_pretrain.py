@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -186,6 +187,8 @@ def test_help_documents_every_option():
         (["--output_dir", "x", "--optimizer", "adam"], "invalid choice"),
         (["--projector_dims", "64"], "--output_dir is required"),
         (["--output_dir", "x", "--train_dir", "/no/such/folder"], "/no/such/folder"),
+        (["--output_dir", "x", "--blur_probability", "1.5", "0"], "--blur_probability"),
+        (["--output_dir", "x", "--solarization_probability", "0.2"], "--solarization_probability"),
     ],
 )
 def test_bad_options_give_clear_errors_without_traceback(tmp_path, args, message):
@@ -218,6 +221,27 @@ def test_hub_dataset_id_streams_from_the_local_cache_offline(tmp_path, monkeypat
     out = tmp_path / "run"
     metrics = main(["--dataset_name", "barlow-test/tiny-digits", "--output_dir", str(out), "--num_train_epochs", "1", *TINY])
     assert metrics["global_step"] == 2  # 40 examples, batch 16; the size comes from the cached dataset info
+
+
+def test_blur_and_solarization_probabilities_reach_the_augmentation(tmp_path, parquet_folder, monkeypatch):
+    import training.pretrain as pretrain_module
+    from training.augment import BARLOW_TWINS_VIEW1, BARLOW_TWINS_VIEW2
+
+    made = []
+
+    class RecordingTransform(pretrain_module.TwoViewTransform):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((self.view1.p, self.view2.p))
+
+    monkeypatch.setattr(pretrain_module, "TwoViewTransform", RecordingTransform)
+    main(["--dataset_name", str(parquet_folder), "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1",
+          "--blur_probability", "0", "0.5", "--solarization_probability", "0.25", "0", *TINY])
+    (view1, view2), = made
+    assert (view1.blur_p, view2.blur_p, view1.solarize_p, view2.solarize_p) == (0.0, 0.5, 0.25, 0.0)
+    # Everything else stays the paper's.
+    assert replace(view1, blur_p=1.0, solarize_p=0.0) == BARLOW_TWINS_VIEW1
+    assert replace(view2, blur_p=0.1, solarize_p=0.2) == BARLOW_TWINS_VIEW2
 
 
 def test_augment_on_device_with_bf16(tmp_path, parquet_folder):
