@@ -143,6 +143,12 @@ class PretrainingArguments:
         default=False,
         metadata={"help": "Compile the model with torch.compile (inductor). The first steps are slow while it compiles."},
     )
+    activation_memory_budget: float | None = field(
+        default=None,
+        metadata={"help": "With --torch_compile: the share (0-1] of the activations the compiled backward keeps; it "
+                          "recomputes the rest, cheapest first (torch's activation memory budget, a prototype "
+                          "setting). Less memory, often at the same speed: see benchmarks/RESULTS.md."},
+    )
     # The paper's values are for 224 px ImageNet. On 32 px images a blur leaves little detail, and
     # small-image recipes (solo-learn's and lightly's CIFAR-10 benchmarks) turn it off: `0 0`.
     blur_probability: list[float] = field(
@@ -157,6 +163,11 @@ class PretrainingArguments:
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
             _positive(name, getattr(self, name))
+        if self.activation_memory_budget is not None:
+            if not self.torch_compile:
+                raise ValueError("--activation_memory_budget needs --torch_compile (it shapes the compiled backward).")
+            if not 0 < self.activation_memory_budget <= 1:
+                raise ValueError(f"--activation_memory_budget must be in (0, 1], got {self.activation_memory_budget}.")
         for name in ("blur_probability", "solarization_probability"):
             values = getattr(self, name)
             if len(values) != 2 or not all(0 <= v <= 1 for v in values):

@@ -9,6 +9,7 @@ optimizer, loop, save. Run with `--help` for every option.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     try:
         hub_args.check_token()
-        metrics = train(data_args, model_args, train_args, out_args)
+        with compile_settings(train_args.activation_memory_budget):
+            metrics = train(data_args, model_args, train_args, out_args)
         url = hub_args.push(out_args.output_dir, data_args.dataset_name)
         if url:
             logging.getLogger(__name__).info(f"Pushed the encoder and its model card to {url}")
@@ -133,6 +135,15 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, FileNotFoundError, TrainingStopped) as error:
         # Bad input and stopped runs end with their message, not a traceback.
         sys.exit(f"barlow-pretrain: error: {error}")
+
+
+def compile_settings(activation_memory_budget: float | None = None) -> contextlib.AbstractContextManager:
+    """torch.compile settings for the run, read when the model compiles (at its first steps)."""
+    if activation_memory_budget is None:
+        return contextlib.nullcontext()
+    import torch._functorch.config as functorch_config  # the budget is a prototype: no public name yet
+
+    return functorch_config.patch(activation_memory_budget=activation_memory_budget)
 
 
 def train(data_args: DataArguments, model_args: ModelArguments, train_args: PretrainingArguments, out_args: OutputArguments) -> dict:

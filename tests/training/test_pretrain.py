@@ -189,6 +189,7 @@ def test_help_documents_every_option():
         (["--output_dir", "x", "--train_dir", "/no/such/folder"], "/no/such/folder"),
         (["--output_dir", "x", "--blur_probability", "1.5", "0"], "--blur_probability"),
         (["--output_dir", "x", "--solarization_probability", "0.2"], "--solarization_probability"),
+        (["--output_dir", "x", "--activation_memory_budget", "0.5"], "needs --torch_compile"),
     ],
 )
 def test_bad_options_give_clear_errors_without_traceback(tmp_path, args, message):
@@ -298,14 +299,16 @@ def test_channels_last_changes_layout_not_losses(tmp_path, parquet_folder):
     np.testing.assert_allclose(runs["channels_last"], runs["default"], rtol=1e-4)
 
 
-def test_torch_compile_flag_compiles_the_model_and_saves_it_uncompiled(tmp_path, parquet_folder, monkeypatch):
-    # Compiling for real takes minutes on a 2-core CPU; the GPU benchmark exercises it. Here a
-    # stand-in for torch.compile records what it is given and wraps it as torch's OptimizedModule
-    # does (under `_orig_mod`), so a save that forgot to unwrap would write `_orig_mod.` keys.
+def test_torch_compile_compiles_the_model_under_its_memory_budget_and_saves_it_uncompiled(tmp_path, parquet_folder, monkeypatch):
+    # Compiling for real takes minutes on a 2-core CPU; the benchmarks (train_step_cpu.py,
+    # gpu_step.py) exercise it. Here a stand-in for torch.compile records what it is given and
+    # wraps it as torch's OptimizedModule does (under `_orig_mod`), so a save that forgot to
+    # unwrap would write `_orig_mod.` keys.
+    import torch._functorch.config as functorch_config
     from accelerate.state import AcceleratorState
     from safetensors.torch import load_file
 
-    compiled = []
+    compiled, budgets = [], set()
 
     class Wrapped(torch.nn.Module):
         def __init__(self, module):
@@ -313,6 +316,7 @@ def test_torch_compile_flag_compiles_the_model_and_saves_it_uncompiled(tmp_path,
             self._orig_mod = module
 
         def forward(self, *args, **kwargs):
+            budgets.add(functorch_config.activation_memory_budget)  # what a real compile would read now
             return self._orig_mod(*args, **kwargs)
 
     def fake_compile(model, **kwargs):
@@ -326,10 +330,12 @@ def test_torch_compile_flag_compiles_the_model_and_saves_it_uncompiled(tmp_path,
     try:
         out = tmp_path / "run"
         main(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "1",
-              "--torch_compile", *TINY])
+              "--torch_compile", "--activation_memory_budget", "0.5", *TINY])
     finally:
         AcceleratorState._reset_state(True)
     assert compiled == ["BarlowTwinsForPreTraining"]
+    # The budget holds while the model runs (and compiles), and is torch's default again after.
+    assert budgets == {0.5} and functorch_config.activation_memory_budget == 1.0
     keys = load_file(out / "model.safetensors").keys()
     assert keys and not any("_orig_mod" in k for k in keys)
 
