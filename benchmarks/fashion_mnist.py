@@ -17,7 +17,18 @@ is rewritten after every step ("complete": false until the end), so a run cut sh
 
 --pretrain_time_budget_s picks the epochs: a 40-step calibration run measures images/s, and the
 run gets the epochs that fit the budget (the supervised baseline gets the same epochs). --gpu
-turns on bf16, channels-last, on-device augmentation and 8 loader workers for every step.
+turns on bf16, channels-last, on-device augmentation and 8 loader workers for pretraining (all cores
+but two for evaluation and the supervised baseline).
+
+--steps runs some of the steps; the others' results already in --results are kept, so a run can
+be split over two sessions or two device calls (the work dir must carry the pretrained model):
+
+    python benchmarks/fashion_mnist.py ... --steps pretrain evaluate random_init_linear
+    python benchmarks/fashion_mnist.py ... --steps supervised_scratch raw_pixel_logreg
+
+Augmentation: the paper's two views without the Gaussian blur (--blur_probability 0 0), as
+small-image recipes run them (lightly's and solo-learn's CIFAR-10 settings): a 3 x 3 blur with
+sigma up to 2 on a 28 px garment erases most of what tells a shirt from a pullover.
 """
 
 from __future__ import annotations
@@ -38,6 +49,18 @@ import numpy as np
 
 IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path(__file__).resolve().parent / "results" / "fashion_mnist.json"
+STEPS = ("pretrain", "evaluate", "random_init_linear", "supervised_scratch", "raw_pixel_logreg")
+# What each step writes into the results; a step that runs again replaces its own keys only.
+STEP_KEYS = {
+    "pretrain": ("epochs", "calibration_images_per_second", "pretrain_metrics", "linear_top1", "knn_top1",
+                 "semi_1pct_top1", "semi_10pct_top1", "random_init_linear_top1", "supervised_scratch_top1"),
+    "evaluate": ("linear_top1", "knn_top1", "semi_1pct_top1", "semi_10pct_top1"),
+    "random_init_linear": ("random_init_linear_top1",),
+    "supervised_scratch": ("supervised_scratch_top1",),
+    "raw_pixel_logreg": ("raw_pixel_logreg_top1",),
+}
+RESULT_KEYS = ("linear_top1", "knn_top1", "semi_1pct_top1", "semi_10pct_top1", "raw_pixel_logreg_top1",
+               "random_init_linear_top1", "supervised_scratch_top1")
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
@@ -103,7 +126,7 @@ def _pretrain_args(args, data: Path, output_dir: Path, epochs: str, speed: list[
         "--backbone", "resnet18", "--backbone_kwargs", args.backbone_kwargs, "--small_image_stem", "--image_size", "32",
         "--projector_dims", args.projector_dims, "--per_device_train_batch_size", str(args.batch_size),
         "--num_train_epochs", epochs, "--warmup_epochs", "1" if args.smoke else "2", "--logging_steps", "20",
-        "--seed", str(args.seed), *speed, *(cap[:2]),
+        "--blur_probability", *(str(p) for p in args.blur_probability), "--seed", str(args.seed), *speed, *(cap[:2]),
     ]
 
 
@@ -133,7 +156,12 @@ def main() -> None:
     parser.add_argument("--projector_dims", default="2048-2048-2048")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--gpu", action="store_true", help="bf16, channels-last, on-device augmentation, 8 loader workers")
+    parser.add_argument("--blur_probability", type=float, nargs=2, default=[0.0, 0.0], metavar=("VIEW1", "VIEW2"),
+                        help="Gaussian blur odds per view in pretraining (the paper's 224 px recipe: 1.0 0.1)")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
+                        help="the steps to run (calibration goes with pretrain); results of the others in --results stay")
+    parser.add_argument("--gpu", action="store_true",
+                        help="bf16, channels-last, on-device augmentation, 8 loader workers (evaluation: all cores but two)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the results JSON to write")
     parser.add_argument("--smoke", action="store_true", help="a few hundred images, one epoch: checks the plumbing only")
     args = parser.parse_args()
@@ -145,7 +173,8 @@ def main() -> None:
     # The raw-pixel baseline needs only the CPU: it runs beside the GPU steps, in its own process.
     convert(args.idx_dir, data)
     background = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    raw_future = background.submit(raw_pixel_logistic_regression, data, 512 if args.smoke else None)
+    if "raw_pixel_logreg" in args.steps:
+        raw_future = background.submit(raw_pixel_logistic_regression, data, 512 if args.smoke else None)
 
     from training.evaluate import main as evaluate
     from training.finetune import main as finetune
@@ -153,16 +182,28 @@ def main() -> None:
 
     cap = ["--max_train_samples", "512", "--max_eval_samples", "256"] if args.smoke else []
     speed = ["--mixed_precision", "bf16", "--channels_last", "--augment_on_device", "--dataloader_num_workers", "8"] if args.gpu else []
-    eval_speed = ["--mixed_precision", "bf16", "--dataloader_num_workers", "8", "--per_device_eval_batch_size", "1024"] if args.gpu else []
-    record: dict = {
-        "backbone": f"resnet18 {args.backbone_kwargs}, small-image stem, 32 px",
-        "projector_dims": args.projector_dims, "batch_size": args.batch_size, "smoke": args.smoke,
-        "command": "python benchmarks/fashion_mnist.py " + shlex.join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-        "hardware": _hardware(), "complete": False, "errors": {},
-    }
+    # Supervised training decodes, crops and flips on the CPU: give it every core but two.
+    workers = str(max(8, (os.cpu_count() or 8) - 2))
+    eval_speed = ["--mixed_precision", "bf16", "--dataloader_num_workers", workers, "--per_device_eval_batch_size", "1024"] if args.gpu else []
+    command = "python benchmarks/fashion_mnist.py " + shlex.join(sys.argv[1:])
+    record = _earlier_record(destination, args.steps)
+    if "pretrain" in args.steps:  # what describes the pretrained model comes from the run that made it
+        record.update({
+            "backbone": f"resnet18 {args.backbone_kwargs}, small-image stem, 32 px",
+            "projector_dims": args.projector_dims, "batch_size": args.batch_size,
+            "augmentation": f"the paper's two views, blur probabilities {args.blur_probability[0]} / {args.blur_probability[1]}",
+        })
+    record.update({"smoke": args.smoke, "date": time.strftime("%Y-%m-%d"), "complete": False})
+    redone = set(args.steps) | ({"calibration"} if "pretrain" in args.steps else set())
+    record["errors"] = {k: v for k, v in record.get("errors", {}).items() if k not in redone}
+    record.setdefault("commands", {}).update({name: command for name in args.steps})
+    record.setdefault("hardware_by_step", {}).update({name: _hardware() for name in args.steps})
+    record["hardware"] = "; ".join(dict.fromkeys(record["hardware_by_step"].values()))
+    record["command"] = " && ".join(dict.fromkeys(record["commands"].values()))
+    earlier_seconds = record.pop("wall_time_s", 0.0) if set(args.steps) != set(STEPS) else 0.0
 
     def save() -> None:
-        record["wall_time_s"] = round(time.perf_counter() - started, 1)
+        record["wall_time_s"] = round(earlier_seconds + time.perf_counter() - started, 1)
         destination.parent.mkdir(parents=True, exist_ok=True)
         destination.write_text(json.dumps(record, indent=2) + "\n")
 
@@ -180,15 +221,19 @@ def main() -> None:
             record.setdefault("step_seconds", {})[name] = round(time.perf_counter() - step_start, 1)
             save()
 
-    epochs = args.pretrain_epochs
-    if args.pretrain_time_budget_s:
-        calibration = step("calibration", lambda: calibrated_epochs(args, data, speed, 60_000))
-        if calibration:
-            epochs, record["calibration_images_per_second"] = calibration[0], round(calibration[1], 1)
-    epochs = 1 if args.smoke else epochs
-    record["epochs"] = epochs
     pretrained = args.work_dir / "pretrained"
-    step("pretrain", lambda: record.update(pretrain_metrics=pretrain(_pretrain_args(args, data, pretrained, str(epochs), speed, cap))))
+    if "pretrain" in args.steps:
+        epochs = args.pretrain_epochs
+        if args.pretrain_time_budget_s:
+            calibration = step("calibration", lambda: calibrated_epochs(args, data, speed, 60_000))
+            if calibration:
+                epochs, record["calibration_images_per_second"] = calibration[0], round(calibration[1], 1)
+        record["epochs"] = 1 if args.smoke else epochs
+        step("pretrain", lambda: record.update(pretrain_metrics=pretrain(
+            _pretrain_args(args, data, pretrained, str(record["epochs"]), speed, cap))))
+    elif not (pretrained / "config.json").is_file() or "epochs" not in record:
+        sys.exit(f"--steps without pretrain needs the pretrained model in {pretrained} and its epochs in {destination}.")
+    epochs = record["epochs"]
     common_eval = ["--dataset_name", str(data), "--no_streaming", "--eval_split", "test", *cap, *eval_speed]
 
     def ssl_eval():
@@ -200,25 +245,39 @@ def main() -> None:
         for key in ("linear_top1", "knn_top1", "semi_1pct_top1", "semi_10pct_top1"):
             record[key] = results[key]
 
-    step("evaluate", ssl_eval)
-    step("random_init_linear", lambda: record.update(random_init_linear_top1=evaluate([
-        *common_eval, "--model_name_or_path", str(pretrained), "--random_init",
-        "--output_dir", str(args.work_dir / "eval_random"), "--protocol", "linear",
-        *(["--linear_epochs", "2"] if args.smoke else []),
-    ])["linear_top1"]))
-    step("supervised_scratch", lambda: record.update(supervised_scratch_top1=finetune([
-        "--dataset_name", str(data), "--no_streaming", "--eval_split", "test", *cap, *eval_speed,
-        "--model_name_or_path", str(pretrained), "--random_init", "--output_dir", str(args.work_dir / "supervised"),
-        "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(args.batch_size),
-        # From scratch, not fine-tuning: the usual supervised recipe (SGD 0.1, weight decay 5e-4, cosine).
-        "--learning_rate", "0.1", "--head_learning_rate", "0.1", "--weight_decay", "5e-4",
-    ])["eval_top1"]))
-    step("raw_pixel_logreg", lambda: record.update(raw_pixel_logreg_top1=raw_future.result()))
+    if "evaluate" in args.steps:
+        step("evaluate", ssl_eval)
+    if "random_init_linear" in args.steps:
+        step("random_init_linear", lambda: record.update(random_init_linear_top1=evaluate([
+            *common_eval, "--model_name_or_path", str(pretrained), "--random_init",
+            "--output_dir", str(args.work_dir / "eval_random"), "--protocol", "linear",
+            *(["--linear_epochs", "2"] if args.smoke else []),
+        ])["linear_top1"]))
+    if "supervised_scratch" in args.steps:
+        step("supervised_scratch", lambda: record.update(supervised_scratch_top1=finetune([
+            "--dataset_name", str(data), "--no_streaming", "--eval_split", "test", *cap, *eval_speed,
+            "--model_name_or_path", str(pretrained), "--random_init", "--output_dir", str(args.work_dir / "supervised"),
+            "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(args.batch_size),
+            # From scratch, not fine-tuning: the usual supervised recipe (SGD 0.1, weight decay 5e-4, cosine).
+            "--learning_rate", "0.1", "--head_learning_rate", "0.1", "--weight_decay", "5e-4",
+        ])["eval_top1"]))
+    if "raw_pixel_logreg" in args.steps:
+        step("raw_pixel_logreg", lambda: record.update(raw_pixel_logreg_top1=raw_future.result()))
     background.shutdown()
-    record["complete"] = not record["errors"]
+    missing = [key for key in RESULT_KEYS if key not in record]
+    record["complete"] = not record["errors"] and not missing
     save()
     print(json.dumps(record, indent=2))
-    print(f"Wrote {destination}")
+    print(f"Wrote {destination}" + (f"; still missing {', '.join(missing)}" if missing else ""))
+
+
+def _earlier_record(path: Path, steps: list[str]) -> dict:
+    """What an earlier run of the other steps left in ``path``, minus what these steps will redo."""
+    if set(steps) == set(STEPS) or not path.is_file():
+        return {"errors": {}}
+    record = json.loads(path.read_text())
+    redone = {key for step in steps for key in STEP_KEYS[step]}
+    return {key: value for key, value in record.items() if key not in redone}
 
 
 def _hardware() -> str:
