@@ -7,7 +7,10 @@ Both contenders train the same timm ResNet-18 (small-image stem, 32 px; built by
 batches of 256 images (512 views through the backbone per step):
 
 * ours: ``BarlowTwinsForPreTraining`` (projector 8192-8192-8192, ``barlow_twins_loss`` on its
-  automatic path, Gram here since N = 256 < D = 8192) and ``create_optimizer(model, "lars", ...)``;
+  automatic path, Gram here since N = 256 < D = 8192) and ``create_optimizer(model, "lars", ...)``,
+  channels-last and compiled with an activation memory budget of 0.3, as
+  ``barlow-pretrain --channels_last --torch_compile --activation_memory_budget 0.3`` runs it;
+* ours_eager (reported in details): the same with ``--channels_last`` only;
 * baseline: the same backbone, lightly's ``BarlowTwinsProjectionHead(512, 8192, 8192)``,
   ``BarlowTwinsLoss`` and ``LARS`` with the same hyper-parameters and the same two groups
   (multi-dimensional weights with decay and adaptation; biases and norm parameters with neither,
@@ -16,11 +19,12 @@ batches of 256 images (512 views through the backbone per step):
 One step is: forward of both views, loss, backward, ``optimizer.step()``, ``zero_grad()``.
 Learning rates, weight decay and lambda are the defaults of ``training/arguments.py``.
 
-Time: ``common.alternate``, ``--runs`` runs of ``--steps_per_run`` steps each after one warm-up
-run; medians. Memory: each contender in its own process (``--memory_worker ours|baseline``), peak
-resident set above the start over two steps right after set-up (so it includes the gradients and
-the momentum buffers that the first step allocates). ``--profile`` prints where a step's time goes
-(each part timed alone, plus torch.profiler's top operators) and writes nothing.
+Time: one untimed warm-up step each (where ours compiles), then ``common.alternate``, ``--runs``
+runs of ``--steps_per_run`` steps each; medians. Memory: each contender in its own process
+(``--memory_worker NAME``), peak resident set above the one right after the imports, over building
+the model and optimizer and two steps (so parameters, gradients, momentum buffers and, for ours,
+compilation all count). ``--profile`` prints where a step's time goes (each part timed alone,
+plus torch.profiler's top operators) and writes nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ TARGET = "ratio >= 1.3, memory_ratio <= 0.8"
 IMAGE_SIZE = 32
 PROJECTOR = [8192, 8192, 8192]
 SEED = 0
+# Ours keeps 30% of the activations the compiled backward would save, recomputing the rest.
+ACTIVATION_MEMORY_BUDGET = 0.3
 
 
 def _paper_hyper_parameters() -> dict:
@@ -75,10 +81,16 @@ def _config(hp: dict):
     )
 
 
-def build_ours(hp: dict, batch_size: int):
-    """Our model and optimizer, and one training step over (x1, x2)."""
+def build_ours(hp: dict, batch_size: int, compile: bool = True, budget: float | None = ACTIVATION_MEMORY_BUDGET):
+    """Our model and optimizer, and one training step over (x1, x2).
+
+    As ``barlow-pretrain --channels_last --torch_compile --activation_memory_budget 0.3`` runs it
+    (``compile=False``: with ``--channels_last`` only). accelerate's ``dynamo_backend="inductor"``
+    is ``torch.compile(model)``, and the trainer runs under ``compile_settings`` as here.
+    """
     from modeling_barlow import BarlowTwinsForPreTraining
     from training.optim import create_optimizer
+    from training.pretrain import compile_settings
 
     torch.manual_seed(SEED)
     model = BarlowTwinsForPreTraining(_config(hp)).train()
@@ -96,11 +108,15 @@ def build_ours(hp: dict, batch_size: int):
     # Our fast path, as `barlow-pretrain --channels_last`: oneDNN's convolutions are faster in NHWC on
     # the CPU too. The inputs' conversion is inside the timed step.
     model.to(memory_format=torch.channels_last)
+    # inductor fuses BatchNorm, ReLU and the residual adds, and its partitioner recomputes such
+    # cheap element-wise results in the backward instead of keeping them: faster and smaller.
+    forward = torch.compile(model) if compile else model
 
     def step(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
-        loss = model(x1, x2).loss
-        loss.backward()
+        with compile_settings(budget if compile else None):
+            loss = forward(x1, x2).loss
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         return loss.detach()
@@ -151,7 +167,11 @@ def build_baseline(hp: dict, batch_size: int):
     return model, optimizer, step
 
 
-BUILDERS = {"ours": build_ours, "baseline": build_baseline}
+BUILDERS = {
+    "ours": build_ours,
+    "ours_eager": lambda hp, batch_size: build_ours(hp, batch_size, compile=False),
+    "baseline": build_baseline,
+}
 
 
 def _inputs(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,12 +181,19 @@ def _inputs(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def memory_worker(name: str, args: argparse.Namespace) -> None:
-    """Peak resident set above the start over two steps, right after set-up; prints one JSON line."""
+    """Peak resident set above the one right after the imports, over building the model and
+    optimizer and two steps (so parameters, gradients, momentum buffers and, for the compiled
+    contender, compilation all count); prints one JSON line."""
     torch.set_num_threads(args.threads)
     hp = _paper_hyper_parameters()
-    _, _, step = BUILDERS[name](hp, args.batch_size)
     x1, x2 = _inputs(args.batch_size)
-    peak = measure_peak_above_start(lambda: [step(x1, x2) for _ in range(2)])
+
+    def build_and_step() -> None:
+        _, _, step = BUILDERS[name](hp, args.batch_size)
+        for _ in range(2):
+            step(x1, x2)
+
+    peak = measure_peak_above_start(build_and_step)
     print(json.dumps({"contender": name, "peak_bytes": peak}))
 
 
@@ -241,26 +268,30 @@ def main() -> None:
     started = time.perf_counter()
     hp = _paper_hyper_parameters()
     x1, x2 = _inputs(args.batch_size)
-    ours_model, _, ours_step = build_ours(hp, args.batch_size)
-    base_model, _, base_step = build_baseline(hp, args.batch_size)
-    if not _same_backbone(ours_model, base_model):
-        raise RuntimeError("the two contenders' backbones differ; the comparison would not be like for like")
-    losses = {"ours": [], "baseline": []}
+    models, steps = {}, {}
+    for name, build in BUILDERS.items():
+        models[name], _, steps[name] = build(hp, args.batch_size)
+    if not all(_same_backbone(models[name], models["baseline"]) for name in ("ours", "ours_eager")):
+        raise RuntimeError("the contenders' backbones differ; the comparison would not be like for like")
+    losses = {name: [] for name in BUILDERS}
 
-    def run(name, step):
+    def run(name):
         def one_run() -> float:
-            def steps():
+            def steps_of_run():
                 for _ in range(args.steps_per_run):
-                    losses[name].append(float(step(x1, x2)))
-            return timed(steps) / args.steps_per_run
+                    losses[name].append(float(steps[name](x1, x2)))
+            return timed(steps_of_run) / args.steps_per_run
         return one_run
 
-    samples = alternate({"ours": run("ours", ours_step), "baseline": run("baseline", base_step)}, runs=args.runs)
-    del ours_model, base_model, ours_step, base_step
+    # One untimed warm-up step each; for "ours" it is where torch.compile compiles (minutes here).
+    contenders = {name: run(name) for name in BUILDERS}
+    first_step_seconds = {name: contenders[name]() for name in BUILDERS}
+    samples = alternate(contenders, runs=args.runs, warmup=0)
+    models.clear(), steps.clear()  # free them before the memory workers start
     worker_args = ["--batch_size", str(args.batch_size), "--threads", str(args.threads)]
     memory = {
         name: run_memory_worker(Path(__file__), [*worker_args, "--memory_worker", name])["peak_bytes"]
-        for name in ("ours", "baseline")
+        for name in BUILDERS
     }
     seconds = {name: median(values) for name, values in samples.items()}
     images = {name: args.batch_size / s for name, s in seconds.items()}
@@ -271,7 +302,11 @@ def main() -> None:
         "backbone": "timm resnet18, small-image stem (3x3/1 conv, no max-pool), same weights for both",
         "projector": PROJECTOR,
         "hyper_parameters": hp,
-        "ours": "BarlowTwinsForPreTraining, channels-last (as barlow-pretrain --channels_last) + barlow_twins_loss (auto: Gram) + training.optim.create_optimizer('lars') (timm Lars)",
+        "ours": f"BarlowTwinsForPreTraining, channels-last and torch.compile with an activation memory budget of {ACTIVATION_MEMORY_BUDGET} (as barlow-pretrain --channels_last --torch_compile --activation_memory_budget {ACTIVATION_MEMORY_BUDGET}) + barlow_twins_loss (auto: Gram) + training.optim.create_optimizer('lars') (timm Lars)",
+        "ours_eager": "the same without torch.compile (as barlow-pretrain --channels_last)",
+        "ours_eager_ratio": round(seconds["baseline"] / seconds["ours_eager"], 4),
+        "ours_eager_memory_ratio": round(memory["ours_eager"] / memory["baseline"], 4),
+        "first_step_seconds": {name: round(v, 1) for name, v in first_step_seconds.items()},
         "baseline": "same backbone + lightly BarlowTwinsProjectionHead + BarlowTwinsLoss + lightly.utils.lars.LARS",
         "runs": args.runs,
         "steps_per_run": args.steps_per_run,
@@ -282,8 +317,9 @@ def main() -> None:
         "views_per_s": {name: round(2 * v, 3) for name, v in images.items()},
         "peak_rss_above_start_bytes": memory,
         "peak_rss_above_start_gib": {name: round(b / 2**30, 3) for name, b in memory.items()},
-        "memory_method": "own process each; VmHWM - VmRSS over 2 steps right after set-up (includes grads and momentum buffers)",
+        "memory_method": "own process each; VmHWM above VmRSS after the imports, over building model and optimizer and 2 steps (parameters, gradients, momentum buffers and compilation all count)",
         "first_and_last_loss": {name: [round(v[0], 3), round(v[-1], 3)] for name, v in losses.items()},
+        "loss_per_step": {name: [round(v, 4) for v in values] for name, values in losses.items()},
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     write_result(
