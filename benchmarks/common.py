@@ -10,8 +10,10 @@ Time: contenders alternate within one process (A B A B ... with the order flippe
 so that load from other work on a shared machine falls on both, and medians are reported.
 
 Memory on the CPU: each contender runs in its own process; the peak is the resident set's
-high-water mark above the resident set right after its imports and set-up (tracemalloc does not
-see torch's allocator). ``/proc/self/clear_refs`` resets the mark, so set-up peaks are excluded.
+high-water mark above the resident set right after its imports (tracemalloc does not see torch's
+allocator), over a workload that builds what it needs and runs. ``/proc/self/clear_refs`` resets
+the mark, so the imports' own peaks are excluded. The workers run with a fixed glibc mmap
+threshold (:data:`MEMORY_WORKER_ENV`) so that freed tensors leave the resident set.
 """
 
 from __future__ import annotations
@@ -136,18 +138,29 @@ def reset_peak_rss() -> None:
 
 
 def measure_peak_above_start(workload: Callable[[], object]) -> int:
-    """Bytes the resident set peaked above where it stood before ``workload`` (call after set-up)."""
+    """Bytes the resident set peaked above where it stood before ``workload`` (call it right after
+    the imports, with the set-up inside ``workload``)."""
     reset_peak_rss()
     start = rss_bytes()
     workload()
     return peak_rss_bytes() - start
 
 
+# glibc returns a freed block to the system only if it was mmap-ed, and by default it raises its
+# mmap threshold (up to 32 MiB) each time such a block is freed; blocks below it stay in the heap
+# once freed, and the resident set then shows the allocator's history rather than what is alive
+# (the loss at D 2048, N 4096, whose tensors are exactly 32 MiB, read 268 or 352 MB by chance).
+# A fixed 1 MiB threshold makes every large tensor mmap-ed, so the peak follows live memory.
+MEMORY_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
 def run_memory_worker(script: Path | str, args: list[str], timeout: float = 1800) -> dict:
-    """Run ``python script *args`` in a fresh process; it must print one JSON object as its last line."""
+    """Run ``python script *args`` in a fresh process (with :data:`MEMORY_WORKER_ENV`); it must print
+    one JSON object as its last line."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
+        env={**os.environ, "PYTHONPATH": pythonpath, **MEMORY_WORKER_ENV},
     )
     if result.returncode != 0:
         raise RuntimeError(f"memory worker {script} {args} failed:\n{result.stderr[-4000:]}")

@@ -12,7 +12,7 @@
   ``common.alternate`` (``--runs`` runs after a warm-up; in a run each contender repeats its call
   enough times to last about ``--min_run_seconds``); the medians give seconds per forward + backward.
 * Memory: for each shape and contender its own process (``--memory_worker``), peak resident set
-  above the start over two forward + backward calls, after the inputs were made.
+  above the one right after the imports, over making the inputs and two forward + backward calls.
 * Two processes (gloo, ``torch.multiprocessing.spawn``, one thread each): ours, which gathers
   the rows of both views for the Gram sums, against the authors' release pattern: each process
   forms its local C = bn(z1)^T bn(z2) / N_global and sums it with ``dist.all_reduce(C)``
@@ -97,10 +97,16 @@ def check_agreement(dim: int = 96, n: int = 40) -> dict:
 
 
 def memory_worker(name: str, dim: int, n: int) -> None:
-    """Peak resident set above the start over two forward + backward calls; prints one JSON line."""
-    loss_fn = CONTENDERS[name]()
-    z1, z2 = _inputs(dim, n)
-    peak = measure_peak_above_start(lambda: [_forward_backward(loss_fn, z1, z2) for _ in range(2)])
+    """Peak resident set above the one right after the imports, over making the two inputs and
+    two forward + backward calls; prints one JSON line."""
+    loss_fn = CONTENDERS[name]()  # imports the contender's module
+
+    def workload() -> None:
+        z1, z2 = _inputs(dim, n)
+        for _ in range(2):
+            _forward_backward(loss_fn, z1, z2)
+
+    peak = measure_peak_above_start(workload)
     print(json.dumps({"contender": name, "D": dim, "N": n, "peak_bytes": peak}))
 
 
@@ -334,7 +340,7 @@ def main() -> None:
         ),
         "agreement_check": agreement,
         "runs": args.runs,
-        "memory_method": "own process per contender and shape; VmHWM - VmRSS over 2 forward+backward calls after the inputs were made",
+        "memory_method": "own process per contender and shape; VmHWM above VmRSS after the imports, over making the inputs and 2 forward+backward calls",
         "shapes": shapes,
     }
     sizes = [int(s) for s in args.two_process_sizes.split(",") if s.strip()]
