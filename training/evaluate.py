@@ -30,13 +30,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .arguments import (
-    DataArguments,
-    EvaluationArguments,
-    PretrainedModelArguments,
-    SupervisedDataArguments,
-    parse_arguments,
-)
+from .arguments import DataArguments, parse_arguments
+from .classifier_arguments import EvaluationArguments, PretrainedModelArguments, SupervisedDataArguments
 from .features import extract_features, knn_topk_accuracy
 from .optim import create_scheduler
 from .classifier_training import classifier_optimizer, evaluate_classifier, fit_classifier

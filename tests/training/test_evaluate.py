@@ -337,7 +337,8 @@ def test_classifier_optimizer_groups():
 
 @pytest.mark.parametrize("streaming", [True, False])
 def test_loader_keeps_exactly_the_chosen_examples(streaming):
-    from training.arguments import DataArguments, SupervisedDataArguments
+    from training.arguments import DataArguments
+    from training.classifier_arguments import SupervisedDataArguments
     from training.labelled_data import load_labelled_data
 
     data = load_labelled_data(DataArguments(streaming=streaming, max_train_samples=120), SupervisedDataArguments())

@@ -1,0 +1,189 @@
+"""Options of the classifier CLIs, barlow-eval and barlow-finetune, defined once.
+
+Options they share with barlow-pretrain reuse its field definitions through `_shared` (same help
+and choices; a CLI may change the default). Parsing is `training.arguments.parse_arguments`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field
+from typing import Any
+
+from .arguments import OutputArguments, PretrainingArguments, _positive
+
+__all__ = [
+    "EVALUATION_PROTOCOLS",
+    "LINEAR_SOLVERS",
+    "EvaluationArguments",
+    "FinetuningArguments",
+    "PretrainedModelArguments",
+    "SupervisedDataArguments",
+]
+
+
+def _shared(owner: type, name: str, **changes: Any) -> Any:
+    """The dataclass field `name` of `owner`, again for another CLI: its help and choices, and its
+    default unless `default=` (or `help=`) is given."""
+    original = owner.__dataclass_fields__[name]
+    metadata = dict(original.metadata)
+    if "help" in changes:
+        metadata["help"] = changes.pop("help")
+    if "default" in changes:
+        return field(default=changes.pop("default"), metadata=metadata)
+    if original.default_factory is not MISSING:
+        return field(default_factory=original.default_factory, metadata=metadata)
+    return field(default=original.default, metadata=metadata)
+
+
+@dataclass
+class PretrainedModelArguments:
+    """The model that barlow-eval evaluates and barlow-finetune fine-tunes."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A barlow-pretrain output folder, a saved encoder or classifier folder (Barlow Twins, or any "
+                          "image model that transformers' Auto classes load), or a hub id (required)."},
+    )
+    random_init: bool = field(
+        default=False,
+        metadata={"help": "Use the architecture of --model_name_or_path with fresh random weights (seeded by --seed): "
+                          "the baseline that shows what pretraining adds."},
+    )
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise ValueError("--model_name_or_path is required.")
+
+
+@dataclass
+class SupervisedDataArguments:
+    """Labels, the held-out split and the training crops, on top of DataArguments."""
+
+    label_column: str | None = field(
+        default=None, metadata={"help": "Column holding the class labels; found from the ClassLabel feature when not given."}
+    )
+    eval_split: str | None = field(
+        default=None, metadata={"help": "The split to evaluate on; by default 'validation', else 'test'."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many examples."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Images per process per evaluation batch."})
+    min_crop_scale: float = field(
+        default=0.08,
+        metadata={"help": "Smallest area fraction of the random resized crops that train classifiers (fine-tuning, "
+                          "semi-supervised, augmented linear probe); 1.0 keeps whole images (flips only)."},
+    )
+
+    def __post_init__(self):
+        _positive("max_eval_samples", self.max_eval_samples)
+        _positive("per_device_eval_batch_size", self.per_device_eval_batch_size)
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"--min_crop_scale must be in (0, 1], got {self.min_crop_scale}.")
+
+
+EVALUATION_PROTOCOLS = ("linear", "knn", "semi")
+LINEAR_SOLVERS = ("sgd", "lbfgs")
+
+
+@dataclass
+class EvaluationArguments:
+    """barlow-eval: which protocols, and their settings (defaults: the paper's)."""
+
+    output_dir: str | None = _shared(OutputArguments, "output_dir", help="Where eval_results.json is written (required).")
+    protocol: list[str] = field(
+        default_factory=lambda: ["linear", "knn"],
+        metadata={"help": "Protocols to run, one or several.", "choices": list(EVALUATION_PROTOCOLS)},
+    )
+    linear_solver: str = field(
+        default="sgd",
+        metadata={"help": "sgd: the paper's protocol (SGD, momentum 0.9, cosine schedule, head N(0, 0.01)); lbfgs: "
+                          "exact multinomial logistic regression on standardised features (scikit-learn).",
+                  "choices": list(LINEAR_SOLVERS)},
+    )
+    linear_augment: bool = field(
+        default=False,
+        metadata={"help": "Linear protocol with training augmentations: random resized crops and flips of the training "
+                          "images through the frozen backbone at every epoch (no feature cache; sgd only)."},
+    )
+    linear_epochs: int = field(default=100, metadata={"help": "Epochs of the sgd linear classifier."})
+    linear_learning_rate: float = field(default=0.3, metadata={"help": "Learning rate of the sgd linear classifier."})
+    linear_weight_decay: float = field(default=1e-6, metadata={"help": "Weight decay of the sgd linear classifier."})
+    per_device_train_batch_size: int = _shared(PretrainingArguments, "per_device_train_batch_size")
+    knn_k: int = _shared(OutputArguments, "knn_k")
+    knn_temperature: float = _shared(OutputArguments, "knn_temperature")
+    label_fraction: list[float] = field(
+        default_factory=lambda: [0.01, 0.1],
+        metadata={"help": "Semi-supervised: fractions of the training labels kept (class-balanced, chosen with --seed)."},
+    )
+    semi_epochs: int = field(default=20, metadata={"help": "Semi-supervised: fine-tuning epochs."})
+    semi_backbone_learning_rate: float = field(
+        default=0.005, metadata={"help": "Semi-supervised: learning rate of the backbone (paper: 0.002 to 0.005)."}
+    )
+    semi_head_learning_rate: float = field(default=0.5, metadata={"help": "Semi-supervised: learning rate of the head."})
+    semi_weight_decay: float = field(default=0.0, metadata={"help": "Semi-supervised: weight decay."})
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where features are cached, keyed by model and data (default: $HF_HOME/barlow_twins/features)."},
+    )
+    cache_features: bool = field(
+        default=True, metadata={"help": "Reuse cached features (--no_cache_features recomputes and stores nothing)."}
+    )
+    seed: int = _shared(PretrainingArguments, "seed")
+    mixed_precision: str = _shared(PretrainingArguments, "mixed_precision")
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ValueError("--output_dir is required.")
+        self.protocol = list(dict.fromkeys(self.protocol))  # in order, once each
+        unknown = [p for p in self.protocol if p not in EVALUATION_PROTOCOLS]
+        if unknown or not self.protocol:
+            raise ValueError(f"--protocol takes {', '.join(EVALUATION_PROTOCOLS)}; got {self.protocol}.")
+        if self.linear_solver not in LINEAR_SOLVERS:
+            raise ValueError(f"--linear_solver must be one of {', '.join(LINEAR_SOLVERS)}, got {self.linear_solver!r}.")
+        if self.linear_augment and self.linear_solver != "sgd":
+            raise ValueError("--linear_augment trains with SGD: use it with --linear_solver sgd.")
+        for name in ("linear_epochs", "per_device_train_batch_size", "knn_k", "semi_epochs"):
+            _positive(name, getattr(self, name))
+        if self.knn_temperature <= 0:
+            raise ValueError("--knn_temperature must be > 0.")
+        if min(self.linear_learning_rate, self.linear_weight_decay, self.semi_backbone_learning_rate,
+               self.semi_head_learning_rate, self.semi_weight_decay) < 0:
+            raise ValueError("Learning rates and weight decays must be >= 0.")
+        self.label_fraction = [float(f) for f in self.label_fraction]
+        if not self.label_fraction or any(not 0 < f <= 1 for f in self.label_fraction):
+            raise ValueError(f"--label_fraction values must be in (0, 1], e.g. 0.01 0.1; got {self.label_fraction}.")
+
+
+@dataclass
+class FinetuningArguments:
+    """barlow-finetune: optimisation and outputs. Defaults: the paper's fine-tuning (SGD, momentum
+    0.9, cosine schedule, backbone 0.005 and head 0.5, no weight decay, batch 256, 20 epochs)."""
+
+    output_dir: str | None = _shared(OutputArguments, "output_dir")
+    num_train_epochs: float = _shared(PretrainingArguments, "num_train_epochs", default=20)
+    per_device_train_batch_size: int = _shared(PretrainingArguments, "per_device_train_batch_size")
+    learning_rate: float = field(default=0.005, metadata={"help": "Learning rate of the backbone."})
+    head_learning_rate: float = field(default=0.5, metadata={"help": "Learning rate of the classification head."})
+    optimizer: str = field(
+        default="sgd", metadata={"help": "sgd (momentum 0.9) or adamw.", "choices": ["sgd", "adamw"]}
+    )
+    weight_decay: float = _shared(PretrainingArguments, "weight_decay", default=0.0)
+    warmup_epochs: float = _shared(PretrainingArguments, "warmup_epochs", default=0.0)
+    freeze_backbone: bool = field(
+        default=False,
+        metadata={"help": "Train only the head, the backbone frozen in eval mode: the linear protocol with training "
+                          "augmentations, saved as a classifier."},
+    )
+    seed: int = _shared(PretrainingArguments, "seed")
+    mixed_precision: str = _shared(PretrainingArguments, "mixed_precision")
+    logging_steps: int = _shared(OutputArguments, "logging_steps")
+    report_to: str = _shared(OutputArguments, "report_to")
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ValueError("--output_dir is required.")
+        _positive("per_device_train_batch_size", self.per_device_train_batch_size)
+        _positive("logging_steps", self.logging_steps)
+        if self.num_train_epochs <= 0:
+            raise ValueError("--num_train_epochs must be > 0.")
+        if min(self.learning_rate, self.head_learning_rate, self.weight_decay, self.warmup_epochs) < 0:
+            raise ValueError("Learning rates, --weight_decay and --warmup_epochs must be >= 0.")
