@@ -176,7 +176,8 @@ def test_help_documents_every_option():
     assert result.returncode == 0
     for option in ("--dataset_name", "--train_dir", "--streaming", "--no_streaming", "--projector_dims",
                    "--learning_rate_weights", "--checkpointing_steps", "--resume_from_checkpoint", "--knn_eval_dataset",
-                   "--augment_on_device", "--config"):
+                   "--augment_on_device", "--blur_probability", "--solarization_probability",
+                   "--activation_memory_budget", "--config"):
         assert option in result.stdout, option
 
 
