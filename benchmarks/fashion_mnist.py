@@ -200,7 +200,7 @@ def main() -> None:
     record.setdefault("hardware_by_step", {}).update({name: _hardware() for name in args.steps})
     record["hardware"] = "; ".join(dict.fromkeys(record["hardware_by_step"].values()))
     record["command"] = " && ".join(dict.fromkeys(record["commands"].values()))
-    earlier_seconds = record.pop("wall_time_s", 0.0) if set(args.steps) != set(STEPS) else 0.0
+    earlier_seconds = record.pop("wall_time_s", 0.0)  # 0 unless an earlier run did other steps
 
     def save() -> None:
         record["wall_time_s"] = round(earlier_seconds + time.perf_counter() - started, 1)
