@@ -126,7 +126,8 @@ def _pretrain_args(args, data: Path, output_dir: Path, epochs: str, speed: list[
         "--backbone", "resnet18", "--backbone_kwargs", args.backbone_kwargs, "--small_image_stem", "--image_size", "32",
         "--projector_dims", args.projector_dims, "--per_device_train_batch_size", str(args.batch_size),
         "--num_train_epochs", epochs, "--warmup_epochs", "1" if args.smoke else "2", "--logging_steps", "20",
-        "--blur_probability", *(str(p) for p in args.blur_probability), "--seed", str(args.seed), *speed, *(cap[:2]),
+        "--blur_probability", *(str(p) for p in args.blur_probability), "--min_crop_scale", str(args.min_crop_scale),
+        "--seed", str(args.seed), *speed, *(cap[:2]),
     ]
 
 
@@ -158,6 +159,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--blur_probability", type=float, nargs=2, default=[0.0, 0.0], metavar=("VIEW1", "VIEW2"),
                         help="Gaussian blur odds per view in pretraining (the paper's 224 px recipe: 1.0 0.1)")
+    parser.add_argument("--min_crop_scale", type=float, default=0.08,
+                        help="smallest area fraction of the pretraining crops (the paper's 0.08)")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
                         help="the steps to run (calibration goes with pretrain); results of the others in --results stay")
     parser.add_argument("--gpu", action="store_true",
@@ -191,7 +194,8 @@ def main() -> None:
         record.update({
             "backbone": f"resnet18 {args.backbone_kwargs}, small-image stem, 32 px",
             "projector_dims": args.projector_dims, "batch_size": args.batch_size,
-            "augmentation": f"the paper's two views, blur probabilities {args.blur_probability[0]} / {args.blur_probability[1]}",
+            "augmentation": f"the paper's two views, blur probabilities {args.blur_probability[0]} / "
+                            f"{args.blur_probability[1]}, crop scale {args.min_crop_scale}-1",
         })
     record.update({"smoke": args.smoke, "date": time.strftime("%Y-%m-%d"), "complete": False})
     redone = set(args.steps) | ({"calibration"} if "pretrain" in args.steps else set())

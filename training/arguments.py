@@ -162,6 +162,12 @@ class PretrainingArguments:
         default_factory=lambda: [0.0, 0.2],
         metadata={"help": "Probability of solarisation in view 1 and in view 2 (the paper's 0.0 0.2)."},
     )
+    min_crop_scale: float = field(
+        default=0.08,
+        metadata={"help": "Smallest area fraction of the random resized crops (the paper's 0.08); 1.0 keeps whole "
+                          "images. In barlow-pretrain both views; in barlow-eval and barlow-finetune the crops that "
+                          "train classifiers."},
+    )
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
@@ -171,6 +177,7 @@ class PretrainingArguments:
                 raise ValueError("--activation_memory_budget needs --torch_compile (it shapes the compiled backward).")
             if not 0 < self.activation_memory_budget <= 1:
                 raise ValueError(f"--activation_memory_budget must be in (0, 1], got {self.activation_memory_budget}.")
+        _check_min_crop_scale(self.min_crop_scale)
         for name in ("blur_probability", "solarization_probability"):
             values = getattr(self, name)
             if len(values) != 2 or not all(0 <= v <= 1 for v in values):
@@ -183,9 +190,10 @@ class PretrainingArguments:
             raise ValueError("--warmup_steps must be >= 0.")
 
     def view_params(self) -> tuple[ViewAugmentationParams, ViewAugmentationParams]:
-        """The two views' augmentation parameters: the paper's, with these blur and solarisation odds."""
+        """The two views' augmentation parameters: the paper's, with these crop scales and blur and
+        solarisation odds."""
         return tuple(
-            replace(params, blur_p=blur, solarize_p=solarize)
+            replace(params, crop_scale=(self.min_crop_scale, 1.0), blur_p=blur, solarize_p=solarize)
             for params, blur, solarize in zip(barlow_twins_view_params(), self.blur_probability, self.solarization_probability)
         )
 
@@ -227,6 +235,11 @@ class OutputArguments:
         _positive("knn_k", self.knn_k)
         if self.knn_temperature <= 0:
             raise ValueError("--knn_temperature must be > 0.")
+
+
+def _check_min_crop_scale(value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"--min_crop_scale must be in (0, 1], got {value}.")
 
 
 def _positive(name: str, value: int | None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
-from .arguments import OutputArguments, PretrainingArguments, _positive
+from .arguments import OutputArguments, PretrainingArguments, _check_min_crop_scale, _positive
 
 __all__ = [
     "EVALUATION_PROTOCOLS",
@@ -67,17 +67,12 @@ class SupervisedDataArguments:
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many examples."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Images per process per evaluation batch."})
-    min_crop_scale: float = field(
-        default=0.08,
-        metadata={"help": "Smallest area fraction of the random resized crops that train classifiers (fine-tuning, "
-                          "semi-supervised, augmented linear probe); 1.0 keeps whole images (flips only)."},
-    )
+    min_crop_scale: float = _shared(PretrainingArguments, "min_crop_scale")
 
     def __post_init__(self):
         _positive("max_eval_samples", self.max_eval_samples)
         _positive("per_device_eval_batch_size", self.per_device_eval_batch_size)
-        if not 0 < self.min_crop_scale <= 1:
-            raise ValueError(f"--min_crop_scale must be in (0, 1], got {self.min_crop_scale}.")
+        _check_min_crop_scale(self.min_crop_scale)
 
 
 EVALUATION_PROTOCOLS = ("linear", "knn", "semi")

@@ -362,7 +362,8 @@ def test_supervised_train_transform_crops_and_converts_modes():
 
 
 @pytest.mark.parametrize("height, width", [(28, 28), (256, 341), (427, 160)])
-def test_cpu_crop_sampler_matches_torchvision(height, width):
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.4, 1.0)])
+def test_cpu_crop_sampler_matches_torchvision(height, width, scale):
     # The CPU path draws its crop boxes itself (one RNG call instead of torchvision's dozen, which
     # cost ~10% of a 28 px view); the boxes must follow RandomResizedCrop.get_params' distribution.
     from scipy.stats import ks_2samp
@@ -372,8 +373,8 @@ def test_cpu_crop_sampler_matches_torchvision(height, width):
 
     image = torch.zeros(1, height, width)
     torch.manual_seed(0)
-    ours = torch.tensor([_crop_box(height, width, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(4000)], dtype=torch.float64)
-    theirs = torch.tensor([RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)],
+    ours = torch.tensor([_crop_box(height, width, scale, (3 / 4, 4 / 3)) for _ in range(4000)], dtype=torch.float64)
+    theirs = torch.tensor([RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3]) for _ in range(4000)],
                           dtype=torch.float64)
     for column, name in enumerate(("top", "left", "height", "width")):
         assert ks_2samp(ours[:, column].numpy(), theirs[:, column].numpy()).pvalue > 1e-3, name

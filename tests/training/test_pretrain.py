@@ -177,7 +177,7 @@ def test_help_documents_every_option():
     for option in ("--dataset_name", "--train_dir", "--streaming", "--no_streaming", "--projector_dims",
                    "--learning_rate_weights", "--checkpointing_steps", "--resume_from_checkpoint", "--knn_eval_dataset",
                    "--augment_on_device", "--blur_probability", "--solarization_probability",
-                   "--activation_memory_budget", "--config"):
+                   "--activation_memory_budget", "--min_crop_scale", "--config"):
         assert option in result.stdout, option
 
 
@@ -191,6 +191,7 @@ def test_help_documents_every_option():
         (["--output_dir", "x", "--blur_probability", "1.5", "0"], "--blur_probability"),
         (["--output_dir", "x", "--solarization_probability", "0.2"], "--solarization_probability"),
         (["--output_dir", "x", "--activation_memory_budget", "0.5"], "needs --torch_compile"),
+        (["--output_dir", "x", "--min_crop_scale", "0"], "--min_crop_scale must be in (0, 1]"),
     ],
 )
 def test_bad_options_give_clear_errors_without_traceback(tmp_path, args, message):
@@ -225,7 +226,7 @@ def test_hub_dataset_id_streams_from_the_local_cache_offline(tmp_path, monkeypat
     assert metrics["global_step"] == 2  # 40 examples, batch 16; the size comes from the cached dataset info
 
 
-def test_blur_and_solarization_probabilities_reach_the_augmentation(tmp_path, parquet_folder, monkeypatch):
+def test_crop_scale_blur_and_solarization_reach_the_augmentation(tmp_path, parquet_folder, monkeypatch):
     import training.pretrain as pretrain_module
     from training.augment import BARLOW_TWINS_VIEW1, BARLOW_TWINS_VIEW2
 
@@ -238,12 +239,14 @@ def test_blur_and_solarization_probabilities_reach_the_augmentation(tmp_path, pa
 
     monkeypatch.setattr(pretrain_module, "TwoViewTransform", RecordingTransform)
     main(["--dataset_name", str(parquet_folder), "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1",
-          "--blur_probability", "0", "0.5", "--solarization_probability", "0.25", "0", *TINY])
+          "--blur_probability", "0", "0.5", "--solarization_probability", "0.25", "0", "--min_crop_scale", "0.3",
+          *TINY])
     (view1, view2), = made
     assert (view1.blur_p, view2.blur_p, view1.solarize_p, view2.solarize_p) == (0.0, 0.5, 0.25, 0.0)
+    assert view1.crop_scale == view2.crop_scale == (0.3, 1.0)
     # Everything else stays the paper's.
-    assert replace(view1, blur_p=1.0, solarize_p=0.0) == BARLOW_TWINS_VIEW1
-    assert replace(view2, blur_p=0.1, solarize_p=0.2) == BARLOW_TWINS_VIEW2
+    assert replace(view1, blur_p=1.0, solarize_p=0.0, crop_scale=(0.08, 1.0)) == BARLOW_TWINS_VIEW1
+    assert replace(view2, blur_p=0.1, solarize_p=0.2, crop_scale=(0.08, 1.0)) == BARLOW_TWINS_VIEW2
 
 
 def test_augment_on_device_with_bf16(tmp_path, parquet_folder):
