@@ -44,8 +44,9 @@ sys.path.insert(0, str(REPO_ROOT))
 from fashion_mnist import IDX_DIR, convert
 
 from modeling_barlow import BarlowTwinsConfig
-from training.augment import BARLOW_TWINS_VIEW1, TwoViewTransform
-from training.data import TwoViewCollator, load_image_dataset, prepare_stream, resolve_image_column
+from training.augment import BARLOW_TWINS_VIEW1, TwoViewCropTransform, TwoViewTransform
+from training.collate import TwoViewCollator
+from training.data import load_image_dataset, prepare_stream, resolve_image_column
 
 DEFAULT_WORK_DIR = Path("/tmp/barlow_bench_data")
 
@@ -116,9 +117,13 @@ def measure(name: str, data_dir: Path, image_size: int, batch_size: int, batches
     interpolation = torch_interpolation(config.interpolation)
     ours = TwoViewTransform(config.image_size, mean, std, config.num_channels, interpolation)
     baseline = torchvision_v1_two_views(config.image_size, mean, std)
+    # Not a contender: what a loader worker does under --augment_on_device (decode and two uint8
+    # crops; the rest runs on the accelerator), for how many workers a GPU's step rate needs.
+    crops_only = TwoViewCropTransform(config.image_size, config.num_channels, interpolation)
     streams = {
         "ours": batches_forever(data_dir, ours, config.num_channels, batch_size, seed=0),
         "baseline": batches_forever(data_dir, baseline, config.num_channels, batch_size, seed=0),
+        "crops_only": batches_forever(data_dir, crops_only, config.num_channels, batch_size, seed=0),
     }
     for stream in streams.values():
         batch = next(stream)  # fills the shuffle buffer; checks the output
@@ -141,6 +146,7 @@ def measure(name: str, data_dir: Path, image_size: int, batch_size: int, batches
         "baseline_pairs_per_s": round(median(samples["baseline"]), 2),
         "ratio": round(median(samples["ours"]) / median(samples["baseline"]), 3),
         "median_of_per_round_ratios": round(median([o / b for o, b in zip(samples["ours"], samples["baseline"])]), 3),
+        "crops_only_pairs_per_s": round(median(samples["crops_only"]), 2),
         "samples_pairs_per_s": {k: [round(v, 2) for v in vs] for k, vs in samples.items()},
         "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
@@ -192,6 +198,10 @@ def main() -> None:
                 "is filled before timing). Medians of alternating runs."
             ),
             "ours": "training.augment.TwoViewTransform(image_size, config.image_mean, config.image_std, 3, bicubic)",
+            "crops_only": (
+                "not a contender: training.augment.TwoViewCropTransform, a loader worker's share of the work under "
+                "--augment_on_device (decode, two uint8 random resized crops); timed in the same alternation"
+            ),
             "baseline": (
                 "torchvision.transforms v1 on PIL: RandomResizedCrop(scale 0.08-1, bicubic), RandomHorizontalFlip, "
                 "RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8), RandomGrayscale(0.2), "
@@ -208,7 +218,7 @@ def main() -> None:
                     "(apache/arrow#45214 workaround): once per epoch per loader process in the trainer"
                 ),
             },
-            "note": "shared 2-core machine: another CPU job ran at the same time; ratios come from alternation",
+            "note": "shared 2-core machine (load averages in each data set's entry): ratios come from alternation",
         },
     )
 

@@ -41,7 +41,8 @@ from fashion_mnist import IDX_DIR, convert
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining
 from training.arguments import parse_projector_dims
 from training.augment import TwoViewTransform
-from training.data import TwoViewCollator, load_image_dataset, prepare_stream, resolve_image_column
+from training.collate import TwoViewCollator
+from training.data import load_image_dataset, prepare_stream, resolve_image_column
 from training.optim import create_optimizer
 
 DEFAULT_WORK_DIR = Path("/tmp/barlow_bench_e2e")

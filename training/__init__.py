@@ -13,7 +13,8 @@ from .augment import (
     barlow_twins_view_params,
 )
 from .checkpointing import TrainerState, find_latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import LabelledCollator, TwoViewCollator, load_image_dataset, prepare_stream, resolve_image_column
+from .collate import LabelledCollator, TwoViewCollator
+from .data import load_image_dataset, prepare_stream, resolve_image_column
 from .features import extract_features, knn_top1, linear_probe_top1
 from .optim import create_optimizer, create_scheduler
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .collate import LabelledCollator
 from .data import (
     DEFAULT_DATASET_NAME,
-    LabelledCollator,
     count_examples,
     load_image_dataset,
     prepare_stream,

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining, create_image_processor, cross_correlation
 
-from .data import LabelledCollator, load_image_dataset, prepare_stream, resolve_image_column, resolve_label_column
+from .collate import LabelledCollator
+from .data import load_image_dataset, prepare_stream, resolve_image_column, resolve_label_column
 from .features import extract_features, knn_top1
 from .plots import plot_cross_correlation, summarise_cross_correlation
 

@@ -46,9 +46,9 @@ from .arguments import (
 )
 from .augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTransform
 from .checkpointing import TrainerState, load_checkpoint, save_checkpoint
+from .collate import TwoViewCollator
 from .collective import all_processes
 from .data import (
-    TwoViewCollator,
     count_examples,
     load_image_dataset,
     prepare_stream,

@@ -1,4 +1,4 @@
-"""Tests for training/data.py on small real images written to disk (no downloads)."""
+"""Tests for training/data.py and training/collate.py on small real images written to disk (no downloads)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,10 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from training import data
+from training.collate import LabelledCollator, TwoViewCollator, decode_image
 from training.data import (
     DEFAULT_DATASET_NAME,
-    LabelledCollator,
-    TwoViewCollator,
     count_examples,
-    decode_image,
     load_image_dataset,
     prepare_stream,
     resolve_image_column,
