@@ -65,13 +65,15 @@ def fit_classifier(
     *,
     accelerator=None,
     device: torch.device | str = "cpu",
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
     on_epoch_end: Callable[[int, int], None] | None = None,
 ) -> int:
     """Train ``model`` (cross-entropy on its ``logits``) for ``total_steps`` optimizer steps over
     epochs of ``make_loader(epoch)``. Batches with fewer than 2 images are skipped (BatchNorm).
     With an ``accelerator`` (model and optimizer prepared), every process stops at the end of the
-    shortest share. ``on_step(step, loss)`` and ``on_epoch_end(epoch, step)`` are called back.
+    shortest share. ``on_step(step, loss)`` (loss: a detached 0-d tensor on the device, so that no
+    step waits for the accelerator; call ``.item()`` when logging) and ``on_epoch_end(epoch, step)``
+    are called back.
     Returns the number of steps done."""
     device = accelerator.device if accelerator is not None else torch.device(device)
     step, epoch = 0, 0
@@ -101,7 +103,7 @@ def fit_classifier(
             step += 1
             stepped = True
             if on_step is not None:
-                on_step(step, loss.item())
+                on_step(step, loss.detach())
         if on_epoch_end is not None:
             on_epoch_end(epoch, step)
         if not stepped:

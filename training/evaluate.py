@@ -161,7 +161,8 @@ def evaluate(
         train_labels = data.labels("train")
         eval_loader = data.loader(
             "eval", model.eval_transform(), model.num_channels, supervised_args.per_device_eval_batch_size,
-            num_workers=data_args.dataloader_num_workers,
+            num_workers=data_args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
+            persistent_workers=True,  # one pass per label fraction
         )
         for fraction in eval_args.label_fraction:
             indices = class_balanced_subset(train_labels, fraction, eval_args.seed)
@@ -217,12 +218,14 @@ def _augmented_linear_probe(
     batch_size = eval_args.per_device_train_batch_size
     steps_per_epoch = math.ceil(data.num_examples("train") / batch_size)
 
+    make_loader = data.epoch_loaders(
+        "train", transform, model.num_channels, batch_size, seed=eval_args.seed,
+        shuffle_buffer_size=data_args.shuffle_buffer_size, num_workers=data_args.dataloader_num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
     def batches(epoch: int):
-        loader = data.loader(
-            "train", transform, model.num_channels, batch_size, shuffle=True, seed=eval_args.seed, epoch=epoch,
-            shuffle_buffer_size=data_args.shuffle_buffer_size, num_workers=data_args.dataloader_num_workers,
-        )
-        for batch in loader:
+        for batch in make_loader(epoch):
             with accelerator.autocast():
                 x, y = extract_features(encoder, [batch], device)
             if len(y):
@@ -247,13 +250,11 @@ def _semi_supervised(model, data, data_args, supervised_args, eval_args, indices
     classifier, optimizer = accelerator.prepare(classifier, optimizer)
     transform = model.train_transform(supervised_args.min_crop_scale)
 
-    def make_loader(epoch: int):
-        return data.loader(
-            "train", transform, model.num_channels, batch_size, shuffle=True, seed=eval_args.seed, epoch=epoch,
-            shuffle_buffer_size=data_args.shuffle_buffer_size, num_workers=data_args.dataloader_num_workers,
-            indices=indices,
-        )
-
+    make_loader = data.epoch_loaders(
+        "train", transform, model.num_channels, batch_size, seed=eval_args.seed,
+        shuffle_buffer_size=data_args.shuffle_buffer_size, num_workers=data_args.dataloader_num_workers,
+        indices=indices, pin_memory=accelerator.device.type == "cuda",
+    )
     fit_classifier(classifier, optimizer, scheduler, make_loader, total_steps, accelerator=accelerator)
     result = evaluate_classifier(classifier, eval_loader, data.num_classes, accelerator=accelerator)
     accelerator.free_memory()

@@ -92,17 +92,17 @@ def finetune(
     train_transform = pretrained.train_transform(supervised_args.min_crop_scale)
     batch_size = train_args.per_device_train_batch_size
 
-    def make_loader(epoch: int):
-        return data.loader(
-            "train", train_transform, pretrained.num_channels, batch_size, shuffle=True, seed=train_args.seed,
-            epoch=epoch, shuffle_buffer_size=data_args.shuffle_buffer_size, num_workers=data_args.dataloader_num_workers,
-            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-        )
-
+    # Both loaders keep their workers for the whole run (no restart at every epoch and evaluation).
+    on_cuda = accelerator.device.type == "cuda"
+    make_loader = data.epoch_loaders(
+        "train", train_transform, pretrained.num_channels, batch_size, seed=train_args.seed,
+        shuffle_buffer_size=data_args.shuffle_buffer_size, num_workers=data_args.dataloader_num_workers,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes, pin_memory=on_cuda,
+    )
     eval_loader = data.loader(
         "eval", pretrained.eval_transform(), pretrained.num_channels, supervised_args.per_device_eval_batch_size,
         num_workers=data_args.dataloader_num_workers, process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
+        num_processes=accelerator.num_processes, pin_memory=on_cuda, persistent_workers=True,
     )
     num_examples = data.num_examples("train")
     steps_per_epoch = max(1, math.ceil(num_examples / (batch_size * accelerator.num_processes)))
@@ -134,13 +134,15 @@ def finetune(
     if accelerator.is_main_process:
         (output_dir / "log_history.jsonl").unlink(missing_ok=True)
 
-    def on_step(step: int, loss: float) -> None:
+    def on_step(step: int, loss: torch.Tensor) -> None:
+        # Losses add up on the device; reading one (.item()) waits for the accelerator, so only
+        # logging does it.
         progress.update(1)
         for key, value in (("loss", loss), ("steps", 1)):
-            window[key] += value
-            window[f"epoch_{key}"] += value
+            window[key] = window[key] + value
+            window[f"epoch_{key}"] = window[f"epoch_{key}"] + value
         if step % train_args.logging_steps == 0:
-            entry = {"train_loss": window["loss"] / window["steps"]}
+            entry = {"train_loss": float(window["loss"]) / window["steps"]}
             entry.update({f"lr_{g['name'].split('_')[0]}": g["lr"] for g in scheduler.optimizer.param_groups})
             accelerator.log(entry, step=step)
             _append(accelerator, output_dir, {"step": step, **entry})
@@ -151,7 +153,7 @@ def finetune(
         result = evaluate_classifier(model, eval_loader, data.num_classes, accelerator=accelerator)
         entry = {"epoch": epoch + 1, "step": step, **{f"eval_{k}": v for k, v in result.items()}}
         if window["epoch_steps"]:  # the mean over this epoch's steps
-            entry["train_loss"] = window["epoch_loss"] / window["epoch_steps"]
+            entry["train_loss"] = float(window["epoch_loss"]) / window["epoch_steps"]
         window.update(epoch_loss=0.0, epoch_steps=0)
         history.append(entry)
         accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=step)

@@ -113,10 +113,12 @@ class LabelledData:
         indices: Sequence[int] | None = None,
         process_index: int = 0,
         num_processes: int = 1,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> DataLoader:
         """A loader of one split ("train" or "eval"), optionally only its examples at ``indices``
         (positions in stream order, as in :meth:`labels`), shuffled per ``epoch``, and this
-        process's share of it."""
+        process's share of it. ``persistent_workers`` keeps its workers between passes."""
         dataset, max_samples = self.split(name), self.max_samples(name)
         if indices is not None:
             dataset, max_samples = self._subset(name, indices), None
@@ -128,8 +130,26 @@ class LabelledData:
         stream.set_epoch(epoch)
         return DataLoader(
             stream, batch_size=batch_size, collate_fn=self.collator(transform, num_channels), num_workers=num_workers,
+            persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin_memory,
             generator=torch.Generator().manual_seed(seed + epoch),
         )
+
+    def epoch_loaders(
+        self, name: str, transform: Callable, num_channels: int, batch_size: int, **loader_options: Any
+    ) -> Callable[[int], DataLoader]:
+        """``make_loader(epoch)`` for ``fit_classifier``: one shuffled :meth:`loader` whose workers
+        live for the whole run, each epoch reshuffled as a fresh ``loader(epoch=epoch)`` would be
+        (datasets shares ``set_epoch`` with persistent workers). Restarting the workers every epoch
+        costs their start and a first batch each time, which dominates the short epochs of a small
+        labelled subset."""
+        loader = self.loader(name, transform, num_channels, batch_size, shuffle=True, epoch=0,
+                             persistent_workers=True, **loader_options)
+
+        def make_loader(epoch: int) -> DataLoader:
+            loader.dataset.set_epoch(epoch)
+            return loader
+
+        return make_loader
 
 
     def _subset(self, name: str, indices: Sequence[int]) -> datasets.Dataset:

@@ -362,3 +362,27 @@ def test_loader_keeps_exactly_the_chosen_examples(streaming):
         assert sorted(order) == list(range(len(chosen)))
         assert torch.equal(pixels, expected[order])
     assert seen_labels[0] != seen_labels[1] or not torch.equal(seen_pixels[0], seen_pixels[1])  # reshuffled per epoch
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_epoch_loaders_keep_their_workers_and_reshuffle_like_fresh_loaders(streaming):
+    from training.arguments import DataArguments
+    from training.classifier_arguments import SupervisedDataArguments
+    from training.labelled_data import load_labelled_data
+
+    data = load_labelled_data(DataArguments(streaming=streaming, max_train_samples=96), SupervisedDataArguments())
+    to_tensor = lambda image: torch.from_numpy(np.asarray(image, dtype=np.float32))[None]  # noqa: E731
+    options = dict(seed=3, num_workers=2, shuffle_buffer_size=32)
+    make_loader = data.epoch_loaders("train", to_tensor, 1, 8, **options)
+    orders, worker_pids = [], []
+    for epoch in range(3):
+        loader = make_loader(epoch)
+        batches = iter(loader)
+        persistent = [(int(y), float(b["pixel_values"][i].sum())) for b in batches for i, y in enumerate(b["labels"])]
+        worker_pids.append(sorted(w.pid for w in batches._workers))
+        fresh_loader = data.loader("train", to_tensor, 1, 8, shuffle=True, epoch=epoch, **options)
+        fresh = [(int(y), float(b["pixel_values"][i].sum())) for b in fresh_loader for i, y in enumerate(b["labels"])]
+        assert persistent == fresh and len(fresh) == 96  # the order a loader made for this epoch gives
+        orders.append(persistent)
+    assert worker_pids[0] == worker_pids[1] == worker_pids[2]  # the same two processes every epoch
+    assert orders[0] != orders[1] != orders[2]  # reshuffled per epoch
