@@ -17,8 +17,8 @@ is rewritten after every step ("complete": false until the end), so a run cut sh
 
 --pretrain_time_budget_s picks the epochs: a 40-step calibration run measures images/s, and the
 run gets the epochs that fit the budget (the supervised baseline gets the same epochs). --gpu
-turns on bf16, channels-last, on-device augmentation and 8 loader workers for pretraining (all cores
-but two for evaluation and the supervised baseline).
+turns on bf16, channels-last and on-device augmentation for pretraining; every step's loader gets
+all cores but two (and but 4 more while the raw-pixel baseline runs beside it).
 
 --steps runs some of the steps; the others' results already in --results are kept, so a run can
 be split over two sessions or two device calls (the work dir must carry the pretrained model):
@@ -59,6 +59,8 @@ STEP_KEYS = {
     "supervised_scratch": ("supervised_scratch_top1",),
     "raw_pixel_logreg": ("raw_pixel_logreg_top1",),
 }
+RAW_PIXEL_THREADS = 4
+NEEDS_PRETRAINED = {"evaluate", "random_init_linear", "supervised_scratch"}  # its weights, architecture or epochs
 RESULT_KEYS = ("linear_top1", "knn_top1", "semi_1pct_top1", "semi_10pct_top1", "raw_pixel_logreg_top1",
                "random_init_linear_top1", "supervised_scratch_top1")
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -164,7 +166,7 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
                         help="the steps to run (calibration goes with pretrain); results of the others in --results stay")
     parser.add_argument("--gpu", action="store_true",
-                        help="bf16, channels-last, on-device augmentation, 8 loader workers (evaluation: all cores but two)")
+                        help="bf16, channels-last, on-device augmentation; loader workers on all cores but two")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the results JSON to write")
     parser.add_argument("--smoke", action="store_true", help="a few hundred images, one epoch: checks the plumbing only")
     args = parser.parse_args()
@@ -177,16 +179,17 @@ def main() -> None:
     convert(args.idx_dir, data)
     background = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     if "raw_pixel_logreg" in args.steps:
-        raw_future = background.submit(raw_pixel_logistic_regression, data, 512 if args.smoke else None)
+        raw_future = background.submit(raw_pixel_logistic_regression, data, 512 if args.smoke else None, RAW_PIXEL_THREADS)
 
     from training.evaluate import main as evaluate
     from training.finetune import main as finetune
     from training.pretrain import main as pretrain
 
     cap = ["--max_train_samples", "512", "--max_eval_samples", "256"] if args.smoke else []
-    speed = ["--mixed_precision", "bf16", "--channels_last", "--augment_on_device", "--dataloader_num_workers", "8"] if args.gpu else []
-    # Supervised training decodes, crops and flips on the CPU: give it every core but two.
-    workers = str(max(8, (os.cpu_count() or 8) - 2))
+    # Loader workers decode and crop on the CPU: every core but two (the training process's) and
+    # but the raw-pixel baseline's threads while it runs beside them.
+    workers = str(max(8, (os.cpu_count() or 8) - 2 - (RAW_PIXEL_THREADS if "raw_pixel_logreg" in args.steps else 0)))
+    speed = ["--mixed_precision", "bf16", "--channels_last", "--augment_on_device", "--dataloader_num_workers", workers] if args.gpu else []
     eval_speed = ["--mixed_precision", "bf16", "--dataloader_num_workers", workers, "--per_device_eval_batch_size", "1024"] if args.gpu else []
     command = "python benchmarks/fashion_mnist.py " + shlex.join(sys.argv[1:])
     record = _earlier_record(destination, args.steps)
@@ -235,9 +238,10 @@ def main() -> None:
         record["epochs"] = 1 if args.smoke else epochs
         step("pretrain", lambda: record.update(pretrain_metrics=pretrain(
             _pretrain_args(args, data, pretrained, str(record["epochs"]), speed, cap))))
-    elif not (pretrained / "config.json").is_file() or "epochs" not in record:
-        sys.exit(f"--steps without pretrain needs the pretrained model in {pretrained} and its epochs in {destination}.")
-    epochs = record["epochs"]
+    elif set(args.steps) & NEEDS_PRETRAINED and (not (pretrained / "config.json").is_file() or "epochs" not in record):
+        sys.exit(f"--steps {' '.join(sorted(set(args.steps) & NEEDS_PRETRAINED))} without pretrain needs the "
+                 f"pretrained model in {pretrained} and its epochs in {destination}.")
+    epochs = record.get("epochs")
     common_eval = ["--dataset_name", str(data), "--no_streaming", "--eval_split", "test", *cap, *eval_speed]
 
     def ssl_eval():
