@@ -1,11 +1,37 @@
-"""Agreement between processes inside a training loop."""
+"""Decisions a training loop takes on the host: agreement between processes, and reading a
+device flag without stalling the device."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
 
-__all__ = ["all_processes"]
+__all__ = ["all_processes", "is_finite_later"]
+
+
+def is_finite_later(value: torch.Tensor) -> Callable[[], bool]:
+    """Start reading whether ``value`` (e.g. the loss, right after the forward pass) is finite;
+    call the result to get the answer.
+
+    On CUDA the answer is copied to the host right behind the forward pass, so asking for it after
+    the backward pass has been queued waits for the forward pass only: the device keeps working.
+    ``bool(torch.isfinite(loss))`` at that point would wait for the backward pass as well, and
+    asked before it, leaves the device idle while the host queues it.
+    """
+    finite = torch.isfinite(value.detach())
+    if finite.device.type != "cuda":
+        return lambda: bool(finite)
+    on_host = finite.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> bool:
+        copied.synchronize()
+        return bool(on_host)
+
+    return read
 
 
 def all_processes(accelerator: Accelerator | None, *flags: bool) -> tuple[bool, ...]:

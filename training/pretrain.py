@@ -47,7 +47,7 @@ from .arguments import (
 from .augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTransform
 from .checkpointing import TrainerState, load_checkpoint, save_checkpoint
 from .collate import TwoViewCollator
-from .collective import all_processes
+from .collective import all_processes, is_finite_later
 from .data import (
     count_examples,
     load_image_dataset,
@@ -298,10 +298,15 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
 
             with accelerator.accumulate(model):
                 out = model(pixel_values=view_1, pixel_values_2=view_2)
-                # The loss is global, so every process takes the same branch here.
-                if not torch.isfinite(out.loss):
+                loss_is_finite = is_finite_later(out.loss)
+                accelerator.backward(out.loss)
+                # Checked once the backward pass is queued (see is_finite_later). The loss is
+                # global, so every process takes the same branch here.
+                if not loss_is_finite():
                     non_finite_in_a_row += 1
-                    optimizer.zero_grad()
+                    # Drop the non-finite gradients (model, not optimizer: accelerate's zero_grad
+                    # does nothing between accumulation steps).
+                    model.zero_grad(set_to_none=True)
                     logger.warning(f"Non-finite loss at step {state.global_step}; step skipped ({non_finite_in_a_row} in a row).")
                     if non_finite_in_a_row >= MAX_NON_FINITE_STEPS:
                         saved = save_checkpoint(accelerator, output_dir, state)
@@ -312,7 +317,6 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
                         )
                     continue
                 non_finite_in_a_row = 0
-                accelerator.backward(out.loss)
                 optimizer.step()
                 optimizer.zero_grad()
 
