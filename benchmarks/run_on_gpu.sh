@@ -10,9 +10,10 @@
 #   PRETRAIN_SECONDS  pretraining's share of FMNIST_SECONDS (default 2/5 of it)
 #   FMNIST_STEPS      fashion_mnist.py --steps (default: all). The results live in
 #                     /tmp/fmnist/fashion_mnist.json between calls on the same (warm) machine, so
-#                     a run can be split over two calls of one session, e.g.
-#                       FMNIST_STEPS="pretrain evaluate random_init_linear" PRETRAIN_SECONDS=420 SKIP_GPU_STEP=1 ... 580
-#                       FMNIST_STEPS="supervised_scratch raw_pixel_logreg" SKIP_GPU_STEP=1 ... 580
+#                     a run can be split over two calls of one session, or its CPU-only step run
+#                     elsewhere first and its record copied there (benchmarks/RESULTS.md), e.g.
+#                       FMNIST_STEPS="pretrain evaluate random_init_linear supervised_scratch" \
+#                         PRETRAIN_SECONDS=250 SKIP_GPU_STEP=1 ... 560 585
 #   SKIP_GPU_STEP     set: Fashion-MNIST only
 #
 # Each run has a hard time limit; fashion_mnist.py rewrites its JSON after every step, so a run

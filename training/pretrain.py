@@ -304,8 +304,9 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
                 # global, so every process takes the same branch here.
                 if not loss_is_finite():
                     non_finite_in_a_row += 1
-                    # Drop the non-finite gradients (model, not optimizer: accelerate's zero_grad
-                    # does nothing between accumulation steps).
+                    # Drop the gradients, now non-finite (with those of earlier accumulation steps,
+                    # summed into them): model, not optimizer, whose zero_grad accelerate skips
+                    # between accumulation steps.
                     model.zero_grad(set_to_none=True)
                     logger.warning(f"Non-finite loss at step {state.global_step}; step skipped ({non_finite_in_a_row} in a row).")
                     if non_finite_in_a_row >= MAX_NON_FINITE_STEPS:
