@@ -22,17 +22,15 @@ from .convert_official import convert_checkpoint, load_official_checkpoint, offi
 from .export import (  # noqa: E402
     EXPORT_FORMATS,
     ExportResult,
-    TimmExportError,
     export_encoder,
     export_encoder_with_code,
     export_full_model,
     export_model,
     export_timm_encoder,
     load_barlow_model,
-    timm_incompatibility,
-    verify_timm_export,
 )
 from .model_card import create_model_card, eval_results_from_metrics, read_eval_metrics, read_training_args  # noqa: E402
+from .timm_format import TimmExportError, timm_incompatibility, verify_timm_export  # noqa: E402
 from .publish import PublishError, PublishResult, publish, push_folder, write_repository  # noqa: E402
 
 

@@ -21,7 +21,7 @@ import timm
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .export import timm_incompatibility
+from .timm_format import timm_incompatibility
 
 
 __all__ = [

@@ -14,7 +14,7 @@ import timm
 import torch
 
 from .helpers import BLOCKED, TINY, populate_hub_cache, run_isolated, tiny_model
-from hub.export import (
+from hub import (
     TimmExportError,
     export_encoder,
     export_full_model,
