@@ -127,6 +127,15 @@ class PretrainingArguments:
         default=0.0048, metadata={"help": "Learning rate of biases and norm parameters per 256 images of global batch."}
     )
     weight_decay: float = field(default=1.5e-6, metadata={"help": "Weight decay (not applied to 1-d parameters)."})
+    lars_trust_coefficient: float = field(
+        default=0.001,
+        metadata={"help": "LARS trust coefficient eta: a weight's step is lr x eta x ||w|| / ||g|| (the paper's 0.001)."},
+    )
+    lars_trust_clip: bool = field(
+        default=False,
+        metadata={"help": "Cap each weight's LARS step at the learning rate: min(eta x ||w|| / ||g||, lr) instead of the "
+                          "product (LARC's clip mode; solo-learn's CIFAR recipes use it with eta 0.02)."},
+    )
     warmup_epochs: float = field(default=10, metadata={"help": "Linear warm-up length in epochs."})
     warmup_steps: int | None = field(default=None, metadata={"help": "Warm-up length in steps; overrides --warmup_epochs."})
     mixed_precision: str = field(
@@ -186,6 +195,8 @@ class PretrainingArguments:
             raise ValueError("--num_train_epochs must be > 0.")
         if min(self.learning_rate_weights, self.learning_rate_biases, self.weight_decay, self.warmup_epochs) < 0:
             raise ValueError("Learning rates, --weight_decay and --warmup_epochs must be >= 0.")
+        if self.lars_trust_coefficient <= 0:
+            raise ValueError(f"--lars_trust_coefficient must be > 0, got {self.lars_trust_coefficient}.")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError("--warmup_steps must be >= 0.")
 

@@ -95,11 +95,14 @@ def create_optimizer(
     global_batch_size: int,
     momentum: float = 0.9,
     trust_coefficient: float = 0.001,
+    trust_clip: bool = False,
 ) -> torch.optim.Optimizer:
     """Build ``"lars"``, ``"sgd"`` or ``"adamw"`` over :func:`split_parameter_groups`.
 
     Learning rates are ``learning_rate_* * global_batch_size / 256``. ``momentum`` is used by
-    LARS and SGD; ``trust_coefficient`` only by LARS. AdamW gets the same learning-rate
+    LARS and SGD; ``trust_coefficient`` and ``trust_clip`` only by LARS. With ``trust_clip`` a
+    weight's step factor is ``min(trust ratio, lr)`` instead of ``lr * trust ratio`` (LARC's
+    clip mode, as in solo-learn's small-image recipes). AdamW gets the same learning-rate
     numbers, so callers should pass values suited to Adam.
     """
     key = name.lower()
@@ -107,6 +110,8 @@ def create_optimizer(
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
     if global_batch_size <= 0:
         raise ValueError(f"global_batch_size must be > 0, got {global_batch_size}")
+    if trust_coefficient <= 0:
+        raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient}")
     scale = global_batch_size / _REFERENCE_BATCH
     groups = split_parameter_groups(
         model, weight_decay, learning_rate_weights * scale, learning_rate_biases * scale
@@ -124,7 +129,7 @@ def create_optimizer(
             momentum=momentum,
             weight_decay=weight_decay,
             trust_coeff=trust_coefficient,
-            trust_clip=False,
+            trust_clip=trust_clip,
             always_adapt=False,
         )
     if key == "sgd":

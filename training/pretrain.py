@@ -219,7 +219,8 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
 
     optimizer = create_optimizer(
         model, train_args.optimizer, train_args.learning_rate_weights, train_args.learning_rate_biases,
-        train_args.weight_decay, global_batch,
+        train_args.weight_decay, global_batch, trust_coefficient=train_args.lars_trust_coefficient,
+        trust_clip=train_args.lars_trust_clip,
     )
     # Stepped once per optimizer step by us: accelerate's wrapper would step it once per process.
     scheduler = create_scheduler(optimizer, total_steps, warmup_steps)

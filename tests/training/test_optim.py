@@ -60,9 +60,9 @@ def paper_step(p, g, mu, lr, wd, adapt):
     return p - lr * mu, mu
 
 
-def toy_lars(weight, bias, lr_w, lr_b, wd, eps=None, foreach=None):
+def toy_lars(weight, bias, lr_w, lr_b, wd, eps=None, foreach=None, **options):
     model = Toy(weight, bias)
-    opt = create_optimizer(model, "lars", lr_w, lr_b, wd, global_batch_size=256)
+    opt = create_optimizer(model, "lars", lr_w, lr_b, wd, global_batch_size=256, **options)
     for group in opt.param_groups:
         group["foreach"] = foreach
         if eps is not None:
@@ -146,6 +146,34 @@ def test_lars_matches_paper_exactly_when_denominators_agree(case, foreach):
         torch.testing.assert_close(buf_w, mu_w, rtol=1e-12, atol=1e-14)
     # The trust ratio really acted: without it the weight would have moved ~1/ETA more.
     assert (ref_w - w0).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_clipped_lars_caps_the_step_factor_at_the_learning_rate(foreach):
+    # LARC's clip mode, written out: the weight's step factor is min(eta ||w|| / ||g||, lr),
+    # where plain LARS uses lr * eta ||w|| / ||g|| (wd 0, so every denominator agrees).
+    eta = 0.02
+    gen = torch.Generator().manual_seed(1)
+    w0 = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    b0 = torch.randn(4, generator=gen, dtype=torch.float64)
+    lr_w, lr_b = 0.3, 0.3
+    model, opt = toy_lars(w0, b0, lr_w, lr_b, 0.0, eps=0.0, foreach=foreach, trust_coefficient=eta, trust_clip=True)
+    ref_w, mu_w = w0.clone(), torch.zeros_like(w0)
+    clipped = []
+    # Gradient scales chosen so that eta ||w|| / ||g|| lands both above and below lr.
+    for t, (factor, grad_scale) in enumerate(zip(LR_FACTORS, [1e-3, 10.0, 1e-3, 10.0])):
+        g_w = grad_scale * torch.randn(4, 3, generator=gen, dtype=torch.float64)
+        model.weight.grad, model.bias.grad = g_w.clone(), torch.zeros_like(b0)
+        for group, peak in zip(opt.param_groups, (lr_w, lr_b)):
+            group["lr"] = peak * factor
+        opt.step()
+        lr = lr_w * factor
+        ratio = (eta * ref_w.norm() / g_w.norm()).item()
+        clipped.append(ratio > lr)
+        mu_w = MOMENTUM * mu_w + g_w * min(ratio / lr, 1.0)
+        ref_w = ref_w - lr * mu_w
+        torch.testing.assert_close(model.weight.detach(), ref_w, rtol=1e-12, atol=1e-14)
+    assert any(clipped) and not all(clipped)  # both regimes were exercised
 
 
 @pytest.mark.parametrize("wd", [1.5e-6, 0.1])
@@ -289,6 +317,7 @@ FROZEN = nn.Linear(2, 2).requires_grad_(False)
     [
         (lambda: create_optimizer(ConvNet(), "adam", 0.2, 0.0048, 1e-6, 256), "lars, sgd, adamw"),
         (lambda: create_optimizer(ConvNet(), "lars", 0.2, 0.0048, 1e-6, 0), "global_batch_size"),
+        (lambda: create_optimizer(ConvNet(), "lars", 0.2, 0.0048, 1e-6, 256, trust_coefficient=0), "trust_coefficient"),
         (lambda: split_parameter_groups(ConvNet(), -1.0, 0.1, 0.1), "weight_decay"),
         (lambda: split_parameter_groups(FROZEN, 0, 1, 1), "no trainable"),
         (lambda: warmup_cosine_lambda(0, 0), "total_steps"),

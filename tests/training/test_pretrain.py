@@ -231,6 +231,7 @@ def test_help_documents_every_option():
         (["--output_dir", "x", "--solarization_probability", "0.2"], "--solarization_probability"),
         (["--output_dir", "x", "--activation_memory_budget", "0.5"], "needs --torch_compile"),
         (["--output_dir", "x", "--min_crop_scale", "0"], "--min_crop_scale must be in (0, 1]"),
+        (["--output_dir", "x", "--lars_trust_coefficient", "0"], "--lars_trust_coefficient must be > 0"),
     ],
 )
 def test_bad_options_give_clear_errors_without_traceback(tmp_path, args, message):
@@ -286,6 +287,25 @@ def test_crop_scale_blur_and_solarization_reach_the_augmentation(tmp_path, parqu
     # Everything else stays the paper's.
     assert replace(view1, blur_p=1.0, solarize_p=0.0, crop_scale=(0.08, 1.0)) == BARLOW_TWINS_VIEW1
     assert replace(view2, blur_p=0.1, solarize_p=0.2, crop_scale=(0.08, 1.0)) == BARLOW_TWINS_VIEW2
+
+
+def test_lars_options_reach_the_optimizer(tmp_path, parquet_folder, monkeypatch):
+    import training.pretrain as pretrain_module
+
+    made, create_optimizer = [], pretrain_module.create_optimizer
+
+    def recording_create_optimizer(*args, **kwargs):
+        optimizer = create_optimizer(*args, **kwargs)
+        made.append(optimizer.param_groups[0])
+        return optimizer
+
+    monkeypatch.setattr(pretrain_module, "create_optimizer", recording_create_optimizer)
+    common = ["--dataset_name", str(parquet_folder), "--max_train_steps", "1", *TINY]
+    main([*common, "--output_dir", str(tmp_path / "paper")])
+    main([*common, "--output_dir", str(tmp_path / "clip"), "--lars_trust_coefficient", "0.02", "--lars_trust_clip"])
+    (paper, clipped) = made
+    assert (paper["trust_coeff"], paper["trust_clip"]) == (0.001, False)
+    assert (clipped["trust_coeff"], clipped["trust_clip"]) == (0.02, True)
 
 
 def test_augment_on_device_with_bf16(tmp_path, parquet_folder):
