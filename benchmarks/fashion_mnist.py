@@ -130,6 +130,7 @@ def _pretrain_args(args, data: Path, output_dir: Path, epochs: str, speed: list[
         "--num_train_epochs", epochs, "--warmup_epochs", "1" if args.smoke else "2", "--logging_steps", "20",
         "--blur_probability", *(str(p) for p in args.blur_probability), "--min_crop_scale", str(args.min_crop_scale),
         "--seed", str(args.seed), *speed, *(cap[:2]),
+        *(["--config", str(args.pretrain_config)] if args.pretrain_config else []),
     ]
 
 
@@ -163,6 +164,9 @@ def main() -> None:
                         help="Gaussian blur odds per view in pretraining (the paper's 224 px recipe: 1.0 0.1)")
     parser.add_argument("--min_crop_scale", type=float, default=0.08,
                         help="smallest area fraction of the pretraining crops (the paper's 0.08)")
+    parser.add_argument("--pretrain_config", type=Path,
+                        help="a barlow-pretrain --config file (YAML or JSON) for the other pretraining options, e.g. "
+                             "the optimiser's; this script's own options win over it")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
                         help="the steps to run (calibration goes with pretrain); results of the others in --results stay")
     parser.add_argument("--gpu", action="store_true",
@@ -170,6 +174,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="the results JSON to write")
     parser.add_argument("--smoke", action="store_true", help="a few hundred images, one epoch: checks the plumbing only")
     args = parser.parse_args()
+    pretrain_config = _read_pretrain_config(args.pretrain_config)
     data = args.data_dir or args.work_dir / "data"
     if not any(data.glob("train-*.parquet")) and not (args.idx_dir / "train-images-idx3-ubyte.gz").is_file():
         sys.exit(f"No Fashion-MNIST IDX files in {args.idx_dir}: apt-get install -y dataset-fashion-mnist")
@@ -199,6 +204,7 @@ def main() -> None:
             "projector_dims": args.projector_dims, "batch_size": args.batch_size,
             "augmentation": f"the paper's two views, blur probabilities {args.blur_probability[0]} / "
                             f"{args.blur_probability[1]}, crop scale {args.min_crop_scale}-1",
+            "pretrain_config": pretrain_config,
         })
     record.update({"smoke": args.smoke, "date": time.strftime("%Y-%m-%d"), "complete": False})
     redone = set(args.steps) | ({"calibration"} if "pretrain" in args.steps else set())
@@ -286,6 +292,23 @@ def _earlier_record(path: Path, steps: list[str]) -> dict:
     record = json.loads(path.read_text())
     redone = {key for step in steps for key in STEP_KEYS[step]}
     return {key: value for key, value in record.items() if key not in redone}
+
+
+def _read_pretrain_config(path: Path | None) -> dict:
+    """The --pretrain_config options, to record with the results (barlow-pretrain checks them)."""
+    if path is None:
+        return {}
+    import yaml
+
+    if not path.is_file():
+        sys.exit(f"--pretrain_config {path}: no such file.")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        sys.exit(f"--pretrain_config {path}: not YAML or JSON: {error}")
+    if not isinstance(values, dict):
+        sys.exit(f"--pretrain_config {path} must hold a mapping of barlow-pretrain option names to values.")
+    return values
 
 
 def _hardware() -> str:

@@ -14,6 +14,8 @@
 #                     elsewhere first and its record copied there (benchmarks/RESULTS.md), e.g.
 #                       FMNIST_STEPS="pretrain evaluate random_init_linear supervised_scratch" \
 #                         PRETRAIN_SECONDS=250 SKIP_GPU_STEP=1 ... 560 585
+#   FMNIST_ARGS       more fashion_mnist.py options, e.g.
+#                       FMNIST_ARGS="--pretrain_config benchmarks/configs/fmnist_small_image.yaml"
 #   SKIP_GPU_STEP     set: Fashion-MNIST only
 #
 # Each run has a hard time limit; fashion_mnist.py rewrites its JSON after every step, so a run
@@ -39,10 +41,10 @@ print(sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvi
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-# shellcheck disable=SC2086  # FMNIST_STEPS is a list of step names
+# shellcheck disable=SC2086  # FMNIST_STEPS and FMNIST_ARGS are lists of words
 timeout "$FMNIST_SECONDS" "$PYTHON" benchmarks/fashion_mnist.py --work_dir /tmp/fmnist --data_dir "$DATA" --gpu \
   --batch_size 512 --backbone_kwargs '{}' --pretrain_time_budget_s "$PRETRAIN_SECONDS" --steps $FMNIST_STEPS \
-  --results /tmp/fmnist/fashion_mnist.json > "$OUT/fashion_mnist.log" 2>&1
+  ${FMNIST_ARGS:-} --results /tmp/fmnist/fashion_mnist.json > "$OUT/fashion_mnist.log" 2>&1
 echo "fashion_mnist.py exit $? after ${SECONDS}s"
 cp /tmp/fmnist/fashion_mnist.json "$OUT/"
 # The pretrained encoder comes back too (bf16, in parts under the 16 MB a returned file may have):
