@@ -295,20 +295,15 @@ def _earlier_record(path: Path, steps: list[str]) -> dict:
 
 
 def _read_pretrain_config(path: Path | None) -> dict:
-    """The --pretrain_config options, to record with the results (barlow-pretrain checks them)."""
+    """The --pretrain_config options, to record with the results (barlow-pretrain checks their names)."""
     if path is None:
         return {}
-    import yaml
+    from training.arguments import read_config_file
 
-    if not path.is_file():
-        sys.exit(f"--pretrain_config {path}: no such file.")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        sys.exit(f"--pretrain_config {path}: not YAML or JSON: {error}")
-    if not isinstance(values, dict):
-        sys.exit(f"--pretrain_config {path} must hold a mapping of barlow-pretrain option names to values.")
-    return values
+        return read_config_file(path)
+    except ValueError as error:
+        sys.exit(f"--pretrain_config: {error}")
 
 
 def _hardware() -> str:

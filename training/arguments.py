@@ -31,6 +31,7 @@ __all__ = [
     "PretrainingArguments",
     "parse_arguments",
     "parse_projector_dims",
+    "read_config_file",
 ]
 
 
@@ -129,12 +130,13 @@ class PretrainingArguments:
     weight_decay: float = field(default=1.5e-6, metadata={"help": "Weight decay (not applied to 1-d parameters)."})
     lars_trust_coefficient: float = field(
         default=0.001,
-        metadata={"help": "LARS trust coefficient eta: a weight's step is lr x eta x ||w|| / ||g|| (the paper's 0.001)."},
+        metadata={"help": "LARS trust coefficient eta: a weight's step is lr x eta x ||w|| / ||g|| "
+                          "(the paper's 0.001)."},
     )
     lars_trust_clip: bool = field(
         default=False,
-        metadata={"help": "Cap each weight's LARS step at the learning rate: min(eta x ||w|| / ||g||, lr) instead of the "
-                          "product (LARC's clip mode; solo-learn's CIFAR recipes use it with eta 0.02)."},
+        metadata={"help": "Cap each weight's LARS step at the learning rate: min(eta x ||w|| / ||g||, lr) instead "
+                          "of the product (LARC's clip mode; solo-learn's CIFAR recipes use it with eta 0.02)."},
     )
     warmup_epochs: float = field(default=10, metadata={"help": "Linear warm-up length in epochs."})
     warmup_steps: int | None = field(default=None, metadata={"help": "Warm-up length in steps; overrides --warmup_epochs."})
@@ -269,12 +271,17 @@ def parse_projector_dims(text: str) -> list[int]:
     return dims
 
 
-def _read_config_file(path: str) -> dict[str, Any]:
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The options in a `--config` file (YAML for .yaml/.yml, else JSON); ValueError if unreadable."""
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"--config {path}: no such file.")
     text = file.read_text(encoding="utf-8")
-    values = yaml.safe_load(text) if file.suffix in (".yaml", ".yml") else json.loads(text)
+    is_yaml = file.suffix in (".yaml", ".yml")
+    try:
+        values = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ValueError(f"--config {path} is not valid {'YAML' if is_yaml else 'JSON'}: {error}") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path} must hold a mapping of option names to values.")
     return values
@@ -291,7 +298,7 @@ def parse_arguments(
     try:
         known, _ = parser.parse_known_args(argv)  # only to find --config before the real parse
         if known.config:
-            values = _read_config_file(known.config)
+            values = read_config_file(known.config)
             names = {f.name for cls in dataclass_types for f in fields(cls)}
             unknown = sorted(set(values) - names)
             if unknown:

@@ -242,6 +242,20 @@ def test_bad_options_give_clear_errors_without_traceback(tmp_path, args, message
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("run.yaml", "learning_rate_weights: [1\n", "is not valid YAML"),
+    ("run.json", '{"learning_rate_weights": 1', "is not valid JSON"),
+    ("run.yaml", "- 1\n- 2\n", "must hold a mapping"),
+])
+def test_unreadable_config_file_is_a_usage_error(tmp_path, capsys, name, text, message):
+    config = tmp_path / name
+    config.write_text(text)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", str(config), "--output_dir", str(tmp_path / "run")])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def _populate_datasets_cache(cache: Path, repo_id: str, source: datasets.Dataset) -> None:
     """Lay out `repo_id` in a datasets cache as an earlier online `load_dataset(repo_id)` leaves it."""
     built_dir = cache.parent / "build"
