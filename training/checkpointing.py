@@ -29,6 +29,7 @@ class TrainerState:
     epoch: int = 0
     examples_in_epoch: int = 0  # raw examples this process consumed in `epoch`
     skipped_images: int = 0
+    wall_time_s: float = 0.0  # seconds in the training loop up to this checkpoint, resumed runs included
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: TrainerState) -> Path:

@@ -266,6 +266,12 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
     metrics: dict = {}
     non_finite_in_a_row = 0
     started = time.perf_counter()
+    resumed_wall_time = state.wall_time_s
+
+    def checkpoint() -> Path:
+        state.wall_time_s = round(resumed_wall_time + time.perf_counter() - started, 2)
+        return save_checkpoint(accelerator, output_dir, state)
+
     model.train()
 
     while state.global_step < total_steps:
@@ -311,7 +317,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
                     model.zero_grad(set_to_none=True)
                     logger.warning(f"Non-finite loss at step {state.global_step}; step skipped ({non_finite_in_a_row} in a row).")
                     if non_finite_in_a_row >= MAX_NON_FINITE_STEPS:
-                        saved = save_checkpoint(accelerator, output_dir, state)
+                        saved = checkpoint()
                         progress.close()
                         raise TrainingStopped(
                             f"{non_finite_in_a_row} non-finite losses in a row at step {state.global_step}; "
@@ -340,7 +346,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
                         history.write(json.dumps({"step": state.global_step, **metrics}) + "\n")
             if out_args.checkpointing_steps and out_args.checkpointing_steps != "epoch":
                 if state.global_step % int(out_args.checkpointing_steps) == 0:
-                    save_checkpoint(accelerator, output_dir, state)
+                    checkpoint()
             if knn is not None and out_args.knn_eval_steps and state.global_step % out_args.knn_eval_steps == 0:
                 metrics["knn_top1"] = knn.evaluate(accelerator.unwrap_model(model).barlow_twins, state.global_step)
         else:
@@ -350,7 +356,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         state.epoch += 1
         state.examples_in_epoch = 0
         if out_args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, output_dir, state)
+            checkpoint()
     progress.close()
 
     # Outputs: the model folder with its processor, arguments, metrics and the C plot.
@@ -360,12 +366,14 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         metrics["knn_top1"] = knn.evaluate(unwrapped.barlow_twins, state.global_step)
     plot_held_out_cross_correlation(unwrapped, data_args, collator, to_views, accelerator, output_dir / "cross_correlation.png")
     if out_args.checkpointing_steps:
-        save_checkpoint(accelerator, output_dir, state)
+        checkpoint()
     accelerator.wait_for_everyone()
     metrics.update(
         global_step=state.global_step, skipped_images=state.skipped_images,
         epochs=state.global_step / steps_per_epoch if steps_per_epoch else state.epoch,
         wall_time_s=round(wall_time, 2),
+        # With --resume_from_checkpoint, wall_time_s is this run's part and this the whole training's.
+        total_wall_time_s=round(resumed_wall_time + wall_time, 2),
     )
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir)

@@ -99,13 +99,17 @@ def test_resume_continues_with_the_same_losses(tmp_path, parquet_folder):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
-    main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    metrics = main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
     expected = {h["step"]: h["train_loss"] for h in _history(full)}
     got = {h["step"]: h["train_loss"] for h in _history(resumed)}
     assert sorted(got) == [4, 5, 6]
     for step, loss in got.items():
         assert loss == pytest.approx(expected[step], rel=1e-5), step
     assert expected[4] != pytest.approx(expected[3], rel=1e-3)  # the comparison is not trivially flat
+    # The time a run reports covers its earlier part too, from the checkpoint it resumed.
+    before = json.loads((full / "checkpoint-3" / "trainer_state.json").read_text())["wall_time_s"]
+    assert before > 0
+    assert metrics["total_wall_time_s"] == pytest.approx(before + metrics["wall_time_s"], abs=0.02)
 
 
 def test_partial_checkpoint_is_never_latest(tmp_path):
