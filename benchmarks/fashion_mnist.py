@@ -26,6 +26,14 @@ be split over two sessions or two device calls (the work dir must carry the pret
     python benchmarks/fashion_mnist.py ... --steps pretrain evaluate random_init_linear
     python benchmarks/fashion_mnist.py ... --steps supervised_scratch raw_pixel_logreg
 
+On a CPU, pretraining can outlast a sitting. --checkpointing_steps N saves a checkpoint every N
+steps, and the same command run again resumes from the latest one in WORK_DIR/pretrained (the
+epochs must then come from --pretrain_epochs); pretrain_metrics.total_wall_time_s adds the parts
+up. --fast_cpu pretrains channels-last and compiled, as the README advises for CPUs:
+
+    python benchmarks/fashion_mnist.py --work_dir W --image_size 28 --backbone_kwargs \
+        '{"channels": [16, 32, 64, 128]}' --fast_cpu --checkpointing_steps 117 --steps pretrain
+
 Augmentation: the paper's two views without the Gaussian blur (--blur_probability 0 0), as
 small-image recipes run them (lightly's and solo-learn's CIFAR-10 settings): a 3 x 3 blur with
 sigma up to 2 on a 28 px garment erases most of what tells a shirt from a pullover.
@@ -125,7 +133,8 @@ def raw_pixel_logistic_regression(data_dir: Path, max_train: int | None, threads
 def _pretrain_args(args, data: Path, output_dir: Path, epochs: str, speed: list[str], cap: list[str]) -> list[str]:
     return [
         "--dataset_name", str(data), "--no_streaming", "--output_dir", str(output_dir),
-        "--backbone", "resnet18", "--backbone_kwargs", args.backbone_kwargs, "--small_image_stem", "--image_size", "32",
+        "--backbone", "resnet18", "--backbone_kwargs", args.backbone_kwargs, "--small_image_stem",
+        "--image_size", str(args.image_size),
         "--projector_dims", args.projector_dims, "--per_device_train_batch_size", str(args.batch_size),
         "--num_train_epochs", epochs, "--warmup_epochs", "1" if args.smoke else "2", "--logging_steps", "20",
         "--blur_probability", *(str(p) for p in args.blur_probability), "--min_crop_scale", str(args.min_crop_scale),
@@ -157,6 +166,7 @@ def main() -> None:
     parser.add_argument("--pretrain_epochs", type=int, default=30, help="pretraining epochs (also the supervised baseline's)")
     parser.add_argument("--pretrain_time_budget_s", type=float, help="choose the epochs that fit this many seconds")
     parser.add_argument("--backbone_kwargs", default='{"channels": [32, 64, 128, 256]}', help="timm ResNet-18 arguments")
+    parser.add_argument("--image_size", type=int, default=32, help="the backbone's input (Fashion-MNIST is 28 px)")
     parser.add_argument("--projector_dims", default="2048-2048-2048")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=42)
@@ -171,6 +181,11 @@ def main() -> None:
                         help="the steps to run (calibration goes with pretrain); results of the others in --results stay")
     parser.add_argument("--gpu", action="store_true",
                         help="bf16, channels-last, on-device augmentation; loader workers on all cores but two")
+    parser.add_argument("--fast_cpu", action="store_true",
+                        help="pretrain channels-last and compiled, with one loader worker (the README's CPU fast path)")
+    parser.add_argument("--checkpointing_steps", type=int,
+                        help="save a pretraining checkpoint every N steps; run the same command again and pretraining "
+                             "resumes from the latest one in WORK_DIR/pretrained (a run longer than one sitting)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the results JSON to write")
     parser.add_argument("--smoke", action="store_true", help="a few hundred images, one epoch: checks the plumbing only")
     args = parser.parse_args()
@@ -186,6 +201,7 @@ def main() -> None:
     if "raw_pixel_logreg" in args.steps:
         raw_future = background.submit(raw_pixel_logistic_regression, data, 512 if args.smoke else None, RAW_PIXEL_THREADS)
 
+    from training.checkpointing import find_latest_checkpoint
     from training.evaluate import main as evaluate
     from training.finetune import main as finetune
     from training.pretrain import main as pretrain
@@ -195,12 +211,14 @@ def main() -> None:
     # but the raw-pixel baseline's threads while it runs beside them.
     workers = str(max(8, (os.cpu_count() or 8) - 2 - (RAW_PIXEL_THREADS if "raw_pixel_logreg" in args.steps else 0)))
     speed = ["--mixed_precision", "bf16", "--channels_last", "--augment_on_device", "--dataloader_num_workers", workers] if args.gpu else []
+    if args.fast_cpu:
+        speed = ["--channels_last", "--torch_compile", "--dataloader_num_workers", "1"]
     eval_speed = ["--mixed_precision", "bf16", "--dataloader_num_workers", workers, "--per_device_eval_batch_size", "1024"] if args.gpu else []
     command = "python benchmarks/fashion_mnist.py " + shlex.join(sys.argv[1:])
     record = _earlier_record(destination, args.steps)
     if "pretrain" in args.steps:  # what describes the pretrained model comes from the run that made it
         record.update({
-            "backbone": f"resnet18 {args.backbone_kwargs}, small-image stem, 32 px",
+            "backbone": f"resnet18 {args.backbone_kwargs}, small-image stem, {args.image_size} px",
             "projector_dims": args.projector_dims, "batch_size": args.batch_size,
             "augmentation": f"the paper's two views, blur probabilities {args.blur_probability[0]} / "
                             f"{args.blur_probability[1]}, crop scale {args.min_crop_scale}-1",
@@ -237,13 +255,18 @@ def main() -> None:
     pretrained = args.work_dir / "pretrained"
     if "pretrain" in args.steps:
         epochs = args.pretrain_epochs
+        checkpointing = ["--checkpointing_steps", str(args.checkpointing_steps)] if args.checkpointing_steps else []
+        if checkpointing and find_latest_checkpoint(pretrained) is not None:
+            if args.pretrain_time_budget_s:  # a new calibration could choose other epochs than the schedule's
+                sys.exit(f"{pretrained} holds checkpoints to resume: give --pretrain_epochs, not --pretrain_time_budget_s.")
+            checkpointing += ["--resume_from_checkpoint", "latest"]
         if args.pretrain_time_budget_s:
             calibration = step("calibration", lambda: calibrated_epochs(args, data, speed, 60_000))
             if calibration:
                 epochs, record["calibration_images_per_second"] = calibration[0], round(calibration[1], 1)
         record["epochs"] = 1 if args.smoke else epochs
         step("pretrain", lambda: record.update(pretrain_metrics=pretrain(
-            _pretrain_args(args, data, pretrained, str(record["epochs"]), speed, cap))))
+            _pretrain_args(args, data, pretrained, str(record["epochs"]), speed, cap) + checkpointing)))
     elif set(args.steps) & NEEDS_PRETRAINED and (not (pretrained / "config.json").is_file() or "epochs" not in record):
         sys.exit(f"--steps {' '.join(sorted(set(args.steps) & NEEDS_PRETRAINED))} without pretrain needs the "
                  f"pretrained model in {pretrained} and its epochs in {destination}.")
