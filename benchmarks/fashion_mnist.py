@@ -182,13 +182,16 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true",
                         help="bf16, channels-last, on-device augmentation; loader workers on all cores but two")
     parser.add_argument("--fast_cpu", action="store_true",
-                        help="pretrain channels-last and compiled, with one loader worker (the README's CPU fast path)")
+                        help="pretrain channels-last and compiled (the README's CPU fast path); every step's loader "
+                             "gets one worker")
     parser.add_argument("--checkpointing_steps", type=int,
                         help="save a pretraining checkpoint every N steps; run the same command again and pretraining "
                              "resumes from the latest one in WORK_DIR/pretrained (a run longer than one sitting)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the results JSON to write")
     parser.add_argument("--smoke", action="store_true", help="a few hundred images, one epoch: checks the plumbing only")
     args = parser.parse_args()
+    if args.gpu and args.fast_cpu:
+        parser.error("--gpu and --fast_cpu are two machines' settings: give one.")
     pretrain_config = _read_pretrain_config(args.pretrain_config)
     data = args.data_dir or args.work_dir / "data"
     if not any(data.glob("train-*.parquet")) and not (args.idx_dir / "train-images-idx3-ubyte.gz").is_file():
@@ -211,9 +214,10 @@ def main() -> None:
     # but the raw-pixel baseline's threads while it runs beside them.
     workers = str(max(8, (os.cpu_count() or 8) - 2 - (RAW_PIXEL_THREADS if "raw_pixel_logreg" in args.steps else 0)))
     speed = ["--mixed_precision", "bf16", "--channels_last", "--augment_on_device", "--dataloader_num_workers", workers] if args.gpu else []
-    if args.fast_cpu:
-        speed = ["--channels_last", "--torch_compile", "--dataloader_num_workers", "1"]
     eval_speed = ["--mixed_precision", "bf16", "--dataloader_num_workers", workers, "--per_device_eval_batch_size", "1024"] if args.gpu else []
+    if args.fast_cpu:  # one loader worker beside the process that computes
+        speed = ["--channels_last", "--torch_compile", "--dataloader_num_workers", "1"]
+        eval_speed = ["--dataloader_num_workers", "1"]
     command = "python benchmarks/fashion_mnist.py " + shlex.join(sys.argv[1:])
     record = _earlier_record(destination, args.steps)
     if "pretrain" in args.steps:  # what describes the pretrained model comes from the run that made it
