@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,11 +33,17 @@ class TrainerState:
     wall_time_s: float = 0.0  # seconds in the training loop up to this checkpoint, resumed runs included
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: TrainerState) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    state: TrainerState,
+    save_extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Save model, optimizer, registered objects (the scheduler) and RNG states, atomically.
 
     Every process must call this (accelerate gathers what it needs); the main process renames the
-    finished folder to `checkpoint-{global_step}`."""
+    finished folder to `checkpoint-{global_step}`. `save_extra(folder)` runs on the main process
+    before the rename, e.g. to add the config that lets `from_pretrained` load the folder."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{state.global_step}"
     partial = output_dir / f".checkpoint-{state.global_step}.partial"
@@ -47,6 +54,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: Tra
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        if save_extra is not None:
+            save_extra(partial)
         if final.exists():  # a checkpoint of the same step from an earlier run
             shutil.rmtree(final)
         partial.rename(final)

@@ -270,7 +270,13 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
 
     def checkpoint() -> Path:
         state.wall_time_s = round(resumed_wall_time + time.perf_counter() - started, 2)
-        return save_checkpoint(accelerator, output_dir, state)
+        return save_checkpoint(accelerator, output_dir, state, save_extra=save_loadable_config)
+
+    def save_loadable_config(folder: Path) -> None:
+        # The checkpoint's model.safetensors has the model's own keys: with the config and image
+        # processor beside it, from_pretrained, barlow-eval and barlow-finetune load the folder.
+        config.save_pretrained(folder)
+        create_image_processor(config).save_pretrained(folder)
 
     model.train()
 

@@ -112,6 +112,23 @@ def test_resume_continues_with_the_same_losses(tmp_path, parquet_folder):
     assert metrics["total_wall_time_s"] == pytest.approx(before + metrics["wall_time_s"], abs=0.02)
 
 
+def test_checkpoints_load_with_from_pretrained(tmp_path, parquet_folder):
+    out = tmp_path / "run"
+    main(["--dataset_name", str(parquet_folder), "--max_train_steps", "4", "--checkpointing_steps", "2",
+          "--output_dir", str(out), *TINY])
+    final = modeling.BarlowTwinsForPreTraining.from_pretrained(out).state_dict()
+    last = modeling.BarlowTwinsForPreTraining.from_pretrained(out / "checkpoint-4").state_dict()
+    middle = modeling.BarlowTwinsForPreTraining.from_pretrained(out / "checkpoint-2").state_dict()
+    assert last.keys() == final.keys()
+    for name, tensor in final.items():
+        assert torch.equal(last[name], tensor), name
+    # An earlier checkpoint holds that step's weights, not the run's final ones.
+    assert not torch.equal(middle["projector.0.weight"], final["projector.0.weight"])
+    # The encoder alone too, as barlow-eval and feature extraction load it.
+    encoder = AutoModel.from_pretrained(out / "checkpoint-2")
+    assert torch.equal(encoder.backbone.conv1.weight, middle["barlow_twins.backbone.conv1.weight"])
+
+
 def test_partial_checkpoint_is_never_latest(tmp_path):
     from training.checkpointing import STATE_FILE, find_latest_checkpoint
 
