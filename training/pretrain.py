@@ -283,7 +283,8 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
     while state.global_step < total_steps:
         # An epoch is one pass over this process's shard; resuming skips what was consumed.
         stream.set_epoch(state.epoch)
-        if state.examples_in_epoch:  # resumed mid-epoch: a one-off loader over the rest of it
+        resumed_mid_epoch = state.examples_in_epoch > 0
+        if resumed_mid_epoch:  # a one-off loader over the rest of the epoch
             rest = stream.skip(state.examples_in_epoch)
             rest.set_epoch(state.epoch)  # skip() starts its copy at epoch 0
             loader = make_loader(rest, persistent=False)
@@ -357,7 +358,8 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
                 metrics["knn_top1"] = knn.evaluate(accelerator.unwrap_model(model).barlow_twins, state.global_step)
         else:
             break  # total_steps reached in the middle of an epoch
-        if batches_this_epoch == 0:
+        # A checkpoint saved after an epoch's last batch leaves nothing of that epoch to read.
+        if batches_this_epoch == 0 and not resumed_mid_epoch:
             raise TrainingStopped(f"Epoch {state.epoch} gave no batch of {train_args.per_device_train_batch_size} images.")
         state.epoch += 1
         state.examples_in_epoch = 0

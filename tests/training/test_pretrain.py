@@ -91,23 +91,27 @@ def test_parquet_stream_with_named_column(tmp_path, parquet_folder):
     assert json.loads((out / "training_args.json").read_text())["steps_per_epoch"] == 6
 
 
-def test_resume_continues_with_the_same_losses(tmp_path, parquet_folder):
-    common = ["--dataset_name", str(parquet_folder), "--max_train_steps", "6", "--checkpointing_steps", "3", *TINY]
+# 96 examples in batches of 16: 6 steps per epoch. Step 3 is mid-epoch; step 6 is the epoch's last
+# batch, saved before the loader found the epoch exhausted (nothing of it is left to read).
+@pytest.mark.parametrize("saved_at, total", [(3, 6), (6, 8)])
+def test_resume_continues_with_the_same_losses(tmp_path, parquet_folder, saved_at, total):
+    common = ["--dataset_name", str(parquet_folder), "--max_train_steps", str(total),
+              "--checkpointing_steps", str(saved_at), *TINY]
     full = tmp_path / "full"
     main([*common, "--output_dir", str(full)])
-    # The state at step 3 of the same run is what an interruption there would have left.
+    # The state at step `saved_at` of the same run is what an interruption there would have left.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copytree(full / f"checkpoint-{saved_at}", resumed / f"checkpoint-{saved_at}")
     metrics = main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
     expected = {h["step"]: h["train_loss"] for h in _history(full)}
     got = {h["step"]: h["train_loss"] for h in _history(resumed)}
-    assert sorted(got) == [4, 5, 6]
+    assert sorted(got) == list(range(saved_at + 1, total + 1))
     for step, loss in got.items():
         assert loss == pytest.approx(expected[step], rel=1e-5), step
-    assert expected[4] != pytest.approx(expected[3], rel=1e-3)  # the comparison is not trivially flat
+    assert expected[saved_at + 1] != pytest.approx(expected[saved_at], rel=1e-3)  # not trivially flat
     # The time a run reports covers its earlier part too, from the checkpoint it resumed.
-    before = json.loads((full / "checkpoint-3" / "trainer_state.json").read_text())["wall_time_s"]
+    before = json.loads((full / f"checkpoint-{saved_at}" / "trainer_state.json").read_text())["wall_time_s"]
     assert before > 0
     assert metrics["total_wall_time_s"] == pytest.approx(before + metrics["wall_time_s"], abs=0.02)
 
