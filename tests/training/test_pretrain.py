@@ -133,6 +133,14 @@ def test_checkpoints_load_with_from_pretrained(tmp_path, parquet_folder):
     assert torch.equal(encoder.backbone.conv1.weight, middle["barlow_twins.backbone.conv1.weight"])
 
 
+def test_data_smaller_than_a_batch_stops_with_a_message(tmp_path, imagefolder):
+    # 48 files never fill a batch of 64. With --max_train_steps nothing counts the files up front, so
+    # the loop must notice, or it would wait forever for a first step.
+    with pytest.raises(SystemExit, match="Epoch 0 gave no batch of 64 images"):
+        main(["--train_dir", str(imagefolder), "--output_dir", str(tmp_path / "run"), "--max_train_steps", "2",
+              *TINY, "--per_device_train_batch_size", "64"])
+
+
 def test_partial_checkpoint_is_never_latest(tmp_path):
     from training.checkpointing import STATE_FILE, find_latest_checkpoint
 
