@@ -47,7 +47,6 @@ import multiprocessing
 import os
 import gzip
 import json
-import platform
 import shlex
 import sys
 import time
@@ -338,7 +337,9 @@ def _hardware() -> str:
 
     if torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores"
-    return f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores"
+    from common import machine  # benchmarks/common.py, beside this script
+
+    return f"CPU ({machine()['cpu']}), {os.cpu_count()} cores; torch {torch.__version__}"
 
 
 if __name__ == "__main__":
