@@ -36,6 +36,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resampling ids
+# Weights are float32 whatever a checkpoint was saved in (from_pretrained's default, dtype="auto",
+# keeps a bf16 export in bf16): the protocols train in float32 and get bf16 from
+# --mixed_precision's autocast, and a bf16 model would refuse the float32 images on a CPU.
+_WEIGHTS_DTYPE = torch.float32
 
 # ------------------------------------------------------------------------------------------ model
 @dataclass
@@ -105,7 +109,7 @@ class PretrainedModel:
         """The encoder in eval mode; its output has ``pooler_output`` (B, F)."""
         if self.random_init:
             self._seeded()
-            model = AutoModel.from_config(self.config)
+            model = AutoModel.from_config(self.config, dtype=_WEIGHTS_DTYPE)
         else:
             model, info = _load(AutoModel, self.name, output_loading_info=True)
             _check_no_missing(self.name, info, allowed=())
@@ -120,7 +124,7 @@ class PretrainedModel:
         if self.random_init:
             config = AutoConfig.from_pretrained(self.name, num_labels=len(id2label), id2label=id2label, label2id=label2id)
             self._seeded()
-            model = AutoModelForImageClassification.from_config(config)
+            model = AutoModelForImageClassification.from_config(config, dtype=_WEIGHTS_DTYPE)
             head = classification_head(model)
         else:
             model, info = _load(
@@ -136,7 +140,7 @@ class PretrainedModel:
 
 def _load(auto_class, name: str, **kwargs):
     try:
-        return auto_class.from_pretrained(name, **kwargs)
+        return auto_class.from_pretrained(name, dtype=_WEIGHTS_DTYPE, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"Cannot load {name} as {auto_class.__name__}: {error}") from error
     except RuntimeError as error:  # transformers refuses weights whose shapes differ from the config's
