@@ -70,6 +70,7 @@ RAW_PIXEL_THREADS = 4
 NEEDS_PRETRAINED = {"evaluate", "random_init_linear", "supervised_scratch"}  # its weights, architecture or epochs
 RESULT_KEYS = ("linear_top1", "knn_top1", "semi_1pct_top1", "semi_10pct_top1", "raw_pixel_logreg_top1",
                "random_init_linear_top1", "supervised_scratch_top1")
+TARGETS = {"linear_top1": 0.90, "knn_top1": 0.88}  # issue #4's
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
@@ -306,9 +307,15 @@ def main() -> None:
     background.shutdown()
     missing = [key for key in RESULT_KEYS if key not in record]
     record["complete"] = not record["errors"] and not missing
+    record.update(targets_record(record))
     save()
     print(json.dumps(record, indent=2))
     print(f"Wrote {destination}" + (f"; still missing {', '.join(missing)}" if missing else ""))
+
+
+def targets_record(record: dict) -> dict:
+    """The targets, and which of them the record's accuracies meet (a missing accuracy meets none)."""
+    return {"targets": TARGETS, "targets_met": {key: record.get(key, -1.0) >= target for key, target in TARGETS.items()}}
 
 
 def _earlier_record(path: Path, steps: list[str]) -> dict:

@@ -18,6 +18,10 @@
 #                       FMNIST_ARGS="--pretrain_config benchmarks/configs/fmnist_small_image.yaml"
 #   SKIP_GPU_STEP     set: Fashion-MNIST only
 #
+# The lent machines' image lacks timm and datasets: carry their wheels (.whl, see
+# /work/.library/device/README.md) and install them first, e.g.
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+#
 # Each run has a hard time limit; fashion_mnist.py rewrites its JSON after every step, so a run
 # cut short still leaves what it finished.
 set -u
@@ -29,6 +33,8 @@ FMNIST_STEPS=${FMNIST_STEPS:-pretrain evaluate random_init_linear supervised_scr
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT" /tmp/fmnist
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf_home TOKENIZERS_PARALLELISM=false
+# The repository itself, for a machine where it is not pip-installed (the lent GPU machines).
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON=${PYTHON:-python3}
 
 {
