@@ -1,5 +1,5 @@
-"""The pretraining script end to end on small real images: formats, outputs, robustness, resume,
-several processes, and the command line."""
+"""The pretraining script end to end on small real images: formats, outputs, robustness, several
+processes, and the command line (checkpoints and resume: test_checkpointing.py)."""
 
 from __future__ import annotations
 
@@ -15,54 +15,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from sklearn.datasets import load_digits
 from transformers import AutoModel
 
 import modeling_barlow.modeling_barlow_twins as modeling
+from tests.training.pretraining_inputs import TINY, digit_images, history
 from training.pretrain import main
-
-
-TINY = [
-    "--backbone", "resnet18", "--backbone_kwargs", '{"channels": [8, 16, 16, 32]}', "--small_image_stem",
-    "--image_size", "16", "--projector_dims", "64-64", "--per_device_train_batch_size", "16",
-    "--warmup_steps", "1", "--logging_steps", "1", "--shuffle_buffer_size", "64", "--seed", "3",
-]
-
-
-def _digit_images(count: int) -> list[tuple[Image.Image, int]]:
-    digits = load_digits()
-    return [
-        (Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((24, 24)), int(digits.target[i]))
-        for i in range(count)
-    ]
-
-
-@pytest.fixture(scope="module")
-def imagefolder(tmp_path_factory) -> Path:
-    """47 digits as PNG files in class subfolders, plus one corrupt file: 3 batches of 16."""
-    root = tmp_path_factory.mktemp("imagefolder")
-    for index, (image, label) in enumerate(_digit_images(47)):
-        folder = root / str(label)
-        folder.mkdir(exist_ok=True)
-        image.save(folder / f"{index}.png")
-    (root / "3" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    return root
-
-
-@pytest.fixture(scope="module")
-def parquet_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("parquet")
-    pairs = _digit_images(96)
-    table = datasets.Dataset.from_dict({"img": [p[0].convert("RGB") for p in pairs], "digit": [p[1] for p in pairs]})
-    table = table.cast_column("img", datasets.Image())
-    for shard in range(4):
-        table.shard(4, shard).to_parquet(str(root / f"train-{shard:05d}.parquet"))
-    return root
-
-
-def _history(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "log_history.jsonl").read_text().splitlines()]
 
 
 def test_imagefolder_stream_end_to_end(tmp_path, imagefolder):
@@ -75,8 +32,8 @@ def test_imagefolder_stream_end_to_end(tmp_path, imagefolder):
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "training_args.json",
                  "metrics.json", "cross_correlation.png", "log_history.jsonl"):
         assert (out / name).is_file(), name
-    assert [h["step"] for h in _history(out)] == [1, 2, 3]
-    assert all(np.isfinite(h["train_loss"]) and h["images_per_second"] > 0 for h in _history(out))
+    assert [h["step"] for h in history(out)] == [1, 2, 3]
+    assert all(np.isfinite(h["train_loss"]) and h["images_per_second"] > 0 for h in history(out))
     encoder = AutoModel.from_pretrained(out)
     assert encoder(torch.randn(2, 3, 16, 16)).pooler_output.shape == (2, 32)
     args = json.loads((out / "training_args.json").read_text())
@@ -91,64 +48,12 @@ def test_parquet_stream_with_named_column(tmp_path, parquet_folder):
     assert json.loads((out / "training_args.json").read_text())["steps_per_epoch"] == 6
 
 
-# 96 examples in batches of 16: 6 steps per epoch. Step 3 is mid-epoch; step 6 is the epoch's last
-# batch, saved before the loader found the epoch exhausted (nothing of it is left to read).
-@pytest.mark.parametrize("saved_at, total", [(3, 6), (6, 8)])
-def test_resume_continues_with_the_same_losses(tmp_path, parquet_folder, saved_at, total):
-    common = ["--dataset_name", str(parquet_folder), "--max_train_steps", str(total),
-              "--checkpointing_steps", str(saved_at), *TINY]
-    full = tmp_path / "full"
-    main([*common, "--output_dir", str(full)])
-    # The state at step `saved_at` of the same run is what an interruption there would have left.
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(full / f"checkpoint-{saved_at}", resumed / f"checkpoint-{saved_at}")
-    metrics = main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
-    expected = {h["step"]: h["train_loss"] for h in _history(full)}
-    got = {h["step"]: h["train_loss"] for h in _history(resumed)}
-    assert sorted(got) == list(range(saved_at + 1, total + 1))
-    for step, loss in got.items():
-        assert loss == pytest.approx(expected[step], rel=1e-5), step
-    assert expected[saved_at + 1] != pytest.approx(expected[saved_at], rel=1e-3)  # not trivially flat
-    # The time a run reports covers its earlier part too, from the checkpoint it resumed.
-    before = json.loads((full / f"checkpoint-{saved_at}" / "trainer_state.json").read_text())["wall_time_s"]
-    assert before > 0
-    assert metrics["total_wall_time_s"] == pytest.approx(before + metrics["wall_time_s"], abs=0.02)
-
-
-def test_checkpoints_load_with_from_pretrained(tmp_path, parquet_folder):
-    out = tmp_path / "run"
-    main(["--dataset_name", str(parquet_folder), "--max_train_steps", "4", "--checkpointing_steps", "2",
-          "--output_dir", str(out), *TINY])
-    final = modeling.BarlowTwinsForPreTraining.from_pretrained(out).state_dict()
-    last = modeling.BarlowTwinsForPreTraining.from_pretrained(out / "checkpoint-4").state_dict()
-    middle = modeling.BarlowTwinsForPreTraining.from_pretrained(out / "checkpoint-2").state_dict()
-    assert last.keys() == final.keys()
-    for name, tensor in final.items():
-        assert torch.equal(last[name], tensor), name
-    # An earlier checkpoint holds that step's weights, not the run's final ones.
-    assert not torch.equal(middle["projector.0.weight"], final["projector.0.weight"])
-    # The encoder alone too, as barlow-eval and feature extraction load it.
-    encoder = AutoModel.from_pretrained(out / "checkpoint-2")
-    assert torch.equal(encoder.backbone.conv1.weight, middle["barlow_twins.backbone.conv1.weight"])
-
-
 def test_data_smaller_than_a_batch_stops_with_a_message(tmp_path, imagefolder):
     # 48 files never fill a batch of 64. With --max_train_steps nothing counts the files up front, so
     # the loop must notice, or it would wait forever for a first step.
     with pytest.raises(SystemExit, match="Epoch 0 gave no batch of 64 images"):
         main(["--train_dir", str(imagefolder), "--output_dir", str(tmp_path / "run"), "--max_train_steps", "2",
               *TINY, "--per_device_train_batch_size", "64"])
-
-
-def test_partial_checkpoint_is_never_latest(tmp_path):
-    from training.checkpointing import STATE_FILE, find_latest_checkpoint
-
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-2" / STATE_FILE).write_text("{}")
-    (tmp_path / "checkpoint-9").mkdir()  # no state file: interrupted before it was renamed complete
-    (tmp_path / ".checkpoint-12.partial").mkdir()
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
 
 
 def test_non_finite_losses_stop_with_a_checkpoint(tmp_path, parquet_folder, monkeypatch):
@@ -190,7 +95,7 @@ def test_one_non_finite_loss_is_skipped_without_poisoning_the_weights(tmp_path, 
     # Without accumulation the skipped step is made up; with it, accelerate counts the skipped
     # micro-step in its window (the first optimizer step averages one micro-batch, not two).
     assert metrics["global_step"] == 2 and len(calls) == {"1": 3, "2": 4}[accumulation]
-    assert all(np.isfinite(h["train_loss"]) for h in _history(out))
+    assert all(np.isfinite(h["train_loss"]) for h in history(out))
     trained = BarlowTwinsForPreTraining.from_pretrained(out)
     assert all(torch.isfinite(p).all() for p in trained.parameters())
 
@@ -218,7 +123,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     # file, or all in one batch), so only the augmentations differ between the runs.
     data = tmp_path / "data"
     data.mkdir()
-    pairs = _digit_images(32)
+    pairs = digit_images(32)
     table = datasets.Dataset.from_dict({"image": [p[0] for p in pairs], "label": [p[1] for p in pairs]})
     table = table.cast_column("image", datasets.Image())
     for shard in range(2):
@@ -230,7 +135,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     one = _launch([*base, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "32"], 1)
     assert one.returncode == 0, one.stderr[-3000:]
-    two_history, one_history = _history(tmp_path / "two"), _history(tmp_path / "one")
+    two_history, one_history = history(tmp_path / "two"), history(tmp_path / "one")
     assert json.loads((tmp_path / "two" / "training_args.json").read_text())["global_batch_size"] == 32
     assert len(two_history) == len(one_history) == 3
     # Augmentation noise, measured here: up to 17% per step on the off-diagonal term, 11% on the
@@ -303,7 +208,7 @@ def _populate_datasets_cache(cache: Path, repo_id: str, source: datasets.Dataset
 
 def test_hub_dataset_id_streams_from_the_local_cache_offline(tmp_path, monkeypatch):
     cache = tmp_path / "datasets_cache"
-    pairs = _digit_images(40)
+    pairs = digit_images(40)
     source = datasets.Dataset.from_dict({"image": [p[0] for p in pairs], "label": [p[1] for p in pairs]})
     _populate_datasets_cache(cache, "barlow-test/tiny-digits", source.cast_column("image", datasets.Image()))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
@@ -361,8 +266,8 @@ def test_augment_on_device_with_bf16(tmp_path, parquet_folder):
     result = _launch(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "2",
                       "--augment_on_device", "--mixed_precision", "bf16", *TINY], 1)
     assert result.returncode == 0, result.stderr[-3000:]
-    history = _history(out)
-    assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["train_loss"]) for h in history)
+    logged = history(out)
+    assert [h["step"] for h in logged] == [1, 2] and all(np.isfinite(h["train_loss"]) for h in logged)
     assert (out / "cross_correlation.png").is_file()
 
 
@@ -402,7 +307,7 @@ def test_channels_last_changes_layout_not_losses(tmp_path, parquet_folder):
         out = tmp_path / layout
         main(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "3",
               *(["--channels_last"] if layout == "channels_last" else []), *TINY])
-        runs[layout] = [h["train_loss"] for h in _history(out)]
+        runs[layout] = [h["train_loss"] for h in history(out)]
         reloaded = modeling.BarlowTwinsForPreTraining.from_pretrained(out)
         assert all(torch.isfinite(p).all() for p in reloaded.parameters())
     assert len(runs["default"]) == 3
@@ -468,4 +373,4 @@ def test_loader_workers_start_once_and_every_epoch_is_complete(tmp_path, parquet
                     "--num_train_epochs", "3", "--dataloader_num_workers", "2", *TINY])
     assert metrics["global_step"] == 18
     assert made[0] is True and made.count(True) == 1  # later loaders: the held-out C plot only
-    assert [h["epoch"] for h in _history(out)] == [0] * 6 + [1] * 6 + [2] * 6
+    assert [h["epoch"] for h in history(out)] == [0] * 6 + [1] * 6 + [2] * 6

@@ -1,0 +1,68 @@
+"""Checkpoints of the pretraining loop: atomic saves, from_pretrained on a checkpoint, and resuming
+with the same losses and the whole training time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModel
+
+import modeling_barlow.modeling_barlow_twins as modeling
+from tests.training.pretraining_inputs import TINY, history
+from training.pretrain import main
+
+
+# 96 examples in batches of 16: 6 steps per epoch. Step 3 is mid-epoch; step 6 is the epoch's last
+# batch, saved before the loader found the epoch exhausted (nothing of it is left to read).
+@pytest.mark.parametrize("saved_at, total", [(3, 6), (6, 8)])
+def test_resume_continues_with_the_same_losses(tmp_path, parquet_folder, saved_at, total):
+    common = ["--dataset_name", str(parquet_folder), "--max_train_steps", str(total),
+              "--checkpointing_steps", str(saved_at), *TINY]
+    full = tmp_path / "full"
+    main([*common, "--output_dir", str(full)])
+    # The state at step `saved_at` of the same run is what an interruption there would have left.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / f"checkpoint-{saved_at}", resumed / f"checkpoint-{saved_at}")
+    metrics = main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    expected = {h["step"]: h["train_loss"] for h in history(full)}
+    got = {h["step"]: h["train_loss"] for h in history(resumed)}
+    assert sorted(got) == list(range(saved_at + 1, total + 1))
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], rel=1e-5), step
+    assert expected[saved_at + 1] != pytest.approx(expected[saved_at], rel=1e-3)  # not trivially flat
+    # The time a run reports covers its earlier part too, from the checkpoint it resumed.
+    before = json.loads((full / f"checkpoint-{saved_at}" / "trainer_state.json").read_text())["wall_time_s"]
+    assert before > 0
+    assert metrics["total_wall_time_s"] == pytest.approx(before + metrics["wall_time_s"], abs=0.02)
+
+
+def test_checkpoints_load_with_from_pretrained(tmp_path, parquet_folder):
+    out = tmp_path / "run"
+    main(["--dataset_name", str(parquet_folder), "--max_train_steps", "4", "--checkpointing_steps", "2",
+          "--output_dir", str(out), *TINY])
+    final = modeling.BarlowTwinsForPreTraining.from_pretrained(out).state_dict()
+    last = modeling.BarlowTwinsForPreTraining.from_pretrained(out / "checkpoint-4").state_dict()
+    middle = modeling.BarlowTwinsForPreTraining.from_pretrained(out / "checkpoint-2").state_dict()
+    assert last.keys() == final.keys()
+    for name, tensor in final.items():
+        assert torch.equal(last[name], tensor), name
+    # An earlier checkpoint holds that step's weights, not the run's final ones.
+    assert not torch.equal(middle["projector.0.weight"], final["projector.0.weight"])
+    # The encoder alone too, as barlow-eval and feature extraction load it.
+    encoder = AutoModel.from_pretrained(out / "checkpoint-2")
+    assert torch.equal(encoder.backbone.conv1.weight, middle["barlow_twins.backbone.conv1.weight"])
+
+
+def test_partial_checkpoint_is_never_latest(tmp_path):
+    from training.checkpointing import STATE_FILE, find_latest_checkpoint
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / STATE_FILE).write_text("{}")
+    (tmp_path / "checkpoint-9").mkdir()  # no state file: interrupted before it was renamed complete
+    (tmp_path / ".checkpoint-12.partial").mkdir()
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+
