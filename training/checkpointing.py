@@ -7,6 +7,7 @@ so an interrupted save is never taken for `latest`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 
-__all__ = ["TrainerState", "find_latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["TrainerState", "find_latest_checkpoint", "load_checkpoint", "save_checkpoint", "truncate_history"]
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -86,3 +87,26 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path, output_dir
     accelerator.load_state(str(path))
     state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
     return path, state
+
+
+def truncate_history(path: str | Path, step: int) -> dict:
+    """Cut a log history (JSON lines, each with a ``step``) back to ``step``, where a resumed run
+    continues: what the interrupted run logged after its checkpoint would otherwise appear twice.
+
+    Returns the last entry kept, without its step (the metrics as they stood), or {} if none. A
+    torn last line (a run killed while writing it) is dropped. The file is replaced atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("step", step + 1) <= step:
+            kept.append(entry)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+    os.replace(partial, path)
+    return {key: value for key, value in kept[-1].items() if key != "step"} if kept else {}

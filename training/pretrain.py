@@ -45,7 +45,7 @@ from .arguments import (
     parse_projector_dims,
 )
 from .augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTransform
-from .checkpointing import TrainerState, load_checkpoint, save_checkpoint
+from .checkpointing import TrainerState, load_checkpoint, save_checkpoint, truncate_history
 from .collate import TwoViewCollator
 from .collective import all_processes, is_finite_later
 from .data import (
@@ -228,10 +228,13 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
     accelerator.register_for_checkpointing(scheduler)
 
     state = TrainerState()
+    metrics: dict = {}  # the last logged window's, as metrics.json reports them
     if accelerator.is_main_process and not out_args.resume_from_checkpoint:
         (output_dir / "log_history.jsonl").unlink(missing_ok=True)
     if out_args.resume_from_checkpoint:
         path, state = load_checkpoint(accelerator, out_args.resume_from_checkpoint, output_dir)
+        if accelerator.is_main_process:
+            metrics = truncate_history(output_dir / "log_history.jsonl", state.global_step)
         logger.info(f"Resumed from {path} at step {state.global_step} (epoch {state.epoch}).", main_process_only=True)
 
     knn = KnnMonitor.create(out_args, config, accelerator) if out_args.knn_eval_dataset else None
@@ -263,7 +266,6 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
     epoch_loader = None
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process, desc="pretraining")
     window = {"loss": 0.0, "on": 0.0, "off": 0.0, "steps": 0, "wait": 0.0, "start": time.perf_counter()}
-    metrics: dict = {}
     non_finite_in_a_row = 0
     started = time.perf_counter()
     resumed_wall_time = state.wall_time_s

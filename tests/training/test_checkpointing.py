@@ -1,5 +1,5 @@
 """Checkpoints of the pretraining loop: atomic saves, from_pretrained on a checkpoint, and resuming
-with the same losses and the whole training time."""
+with the same losses, the whole training time, and a log history that names each step once."""
 
 from __future__ import annotations
 
@@ -66,3 +66,34 @@ def test_partial_checkpoint_is_never_latest(tmp_path):
     (tmp_path / ".checkpoint-12.partial").mkdir()
     assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
 
+
+def test_resume_in_the_same_folder_logs_each_step_once(tmp_path, parquet_folder):
+    # A run killed after step 5 had logged steps 1-5 (the last line torn) but saved only step 3.
+    common = ["--dataset_name", str(parquet_folder), "--max_train_steps", "6", "--checkpointing_steps", "3", *TINY]
+    full = tmp_path / "full"
+    main([*common, "--output_dir", str(full)])
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copytree(full / "checkpoint-3", killed / "checkpoint-3")
+    lines = (full / "log_history.jsonl").read_text().splitlines()
+    (killed / "log_history.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][: len(lines[4]) // 2])
+
+    main([*common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    logged = history(killed)
+    assert [h["step"] for h in logged] == [1, 2, 3, 4, 5, 6]
+    assert logged[:3] == history(full)[:3]  # what stood at the checkpoint is kept as it was
+    for got, expected in zip(logged[3:], history(full)[3:]):
+        assert got["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
+
+
+def test_resume_at_the_last_step_keeps_the_final_metrics(tmp_path, parquet_folder):
+    # The run finished and saved its last checkpoint; resuming again has nothing to train, and must
+    # not replace the losses in metrics.json with nothing.
+    common = ["--dataset_name", str(parquet_folder), "--max_train_steps", "4", "--checkpointing_steps", "2", *TINY]
+    out = tmp_path / "run"
+    first = main([*common, "--output_dir", str(out)])
+    last_logged = history(out)[-1]
+    again = main([*common, "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    assert [h["step"] for h in history(out)] == [1, 2, 3, 4]
+    assert again["global_step"] == 4 and again["train_loss"] == last_logged["train_loss"] == first["train_loss"]
+    assert json.loads((out / "metrics.json").read_text())["train_loss"] == last_logged["train_loss"]
