@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import datasets
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-__all__ = ["decode_image", "TwoViewCollator", "LabelledCollator"]
+__all__ = ["decode_image", "TwoViewCollator", "LabelledCollator", "whole_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +159,52 @@ class LabelledCollator(_Collator):
             "labels": torch.tensor([int(ex[self.label_column]) for ex in kept], dtype=torch.long),
             "num_skipped": skipped,
         }
+
+
+# ------------------------------------------------------------------------------------- batching
+def _num_examples(batch: dict) -> int:
+    return len(batch["pixel_values"]) + int(batch["num_skipped"])
+
+
+def _merge(batches: list[dict]) -> dict:
+    merged = {}
+    for key, value in batches[0].items():
+        if isinstance(value, torch.Tensor):
+            parts = [b[key] for b in batches if len(b[key])] or [value]  # an all-unreadable batch may be (0,)
+            merged[key] = torch.cat(parts)
+        else:
+            merged[key] = sum(int(b[key]) for b in batches)
+    return merged
+
+
+def _split(batch: dict, size: int) -> tuple[dict, dict]:
+    """(the first ``size`` examples, the rest): the skipped ones count towards the first."""
+    skipped = min(int(batch["num_skipped"]), size)
+    rows = size - skipped
+    head = {k: v[:rows] if isinstance(v, torch.Tensor) else skipped for k, v in batch.items()}
+    rest = {k: v[rows:] if isinstance(v, torch.Tensor) else int(v) - skipped for k, v in batch.items()}
+    return head, rest
+
+
+def whole_batches(batches: Iterable[dict], batch_size: int) -> Iterator[dict]:
+    """Batches of ``batch_size`` examples (readable or skipped) from a loader that keeps short ones.
+
+    Over an iterable dataset, each DataLoader worker batches its own part of the stream and ends
+    the epoch with a short batch. ``drop_last`` would drop up to ``batch_size - 1`` examples per
+    worker and epoch (4% of Fashion-MNIST with 8 workers and batches of 512), and an epoch would
+    be fewer steps than the dataset's size gives. Short batches are merged here, in arrival order,
+    into whole ones; only the epoch's last, fewer than ``batch_size`` examples in all, are left out.
+    """
+    pending: list[dict] = []
+    waiting = 0
+    for batch in batches:
+        size = _num_examples(batch)
+        if size >= batch_size:
+            yield batch
+            continue
+        pending.append(batch)
+        waiting += size
+        while waiting >= batch_size:
+            head, rest = _split(_merge(pending), batch_size)
+            yield head
+            pending, waiting = [rest], waiting - batch_size

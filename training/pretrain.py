@@ -46,7 +46,7 @@ from .arguments import (
 )
 from .augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTransform
 from .checkpointing import TrainerState, load_checkpoint, save_checkpoint, truncate_history
-from .collate import TwoViewCollator
+from .collate import TwoViewCollator, whole_batches
 from .collective import all_processes, is_finite_later
 from .data import (
     count_examples,
@@ -253,7 +253,8 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
     def make_loader(epoch_stream, persistent: bool) -> DataLoader:
         return DataLoader(
             epoch_stream, batch_size=train_args.per_device_train_batch_size, collate_fn=collator,
-            num_workers=data_args.dataloader_num_workers, drop_last=True,
+            # Short batches are kept and merged by whole_batches: each worker ends an epoch with one.
+            num_workers=data_args.dataloader_num_workers, drop_last=False,
             # Workers live for the whole run rather than restarting every epoch: datasets shares
             # set_epoch with them, so each epoch is still reshuffled.
             persistent_workers=persistent,
@@ -294,7 +295,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
             if epoch_loader is None:
                 epoch_loader = make_loader(stream, persistent=data_args.dataloader_num_workers > 0)
             loader = epoch_loader
-        batches = iter(loader)
+        batches = whole_batches(loader, train_args.per_device_train_batch_size)
         batches_this_epoch = 0
         while state.global_step < total_steps:
             wait_start = time.perf_counter()

@@ -374,3 +374,14 @@ def test_loader_workers_start_once_and_every_epoch_is_complete(tmp_path, parquet
     assert metrics["global_step"] == 18
     assert made[0] is True and made.count(True) == 1  # later loaders: the held-out C plot only
     assert [h["epoch"] for h in history(out)] == [0] * 6 + [1] * 6 + [2] * 6
+
+
+def test_workers_with_uneven_shares_still_give_every_epoch_its_steps(tmp_path, parquet_folder):
+    # 4 shards of 24 over 3 workers: 48, 24 and 24 images, so two workers end each epoch with 8
+    # left over. Merged, those make the epoch's 6th batch of 16 (96 / 16); dropped, an epoch would
+    # be 5 steps and the schedule's 2 epochs would run into a third.
+    out = tmp_path / "run"
+    metrics = main(["--dataset_name", str(parquet_folder), "--no_streaming", "--output_dir", str(out),
+                    "--num_train_epochs", "2", "--dataloader_num_workers", "3", *TINY])
+    assert metrics["global_step"] == 12 and metrics["epochs"] == 2
+    assert [h["epoch"] for h in history(out)] == [0] * 6 + [1] * 6
