@@ -34,6 +34,9 @@ up. --fast_cpu pretrains channels-last and compiled, as the README advises for C
     python benchmarks/fashion_mnist.py --work_dir W --image_size 28 --backbone_kwargs \
         '{"channels": [16, 32, 64, 128]}' --fast_cpu --checkpointing_steps 117 --steps pretrain
 
+Optimiser: configs/fmnist_small_image.yaml by default (LARS with larger steps than the paper's
+ImageNet settings, chosen on the CPU: benchmarks/RESULTS.md); --pretrain_config '' gives the paper's.
+
 Augmentation: the paper's two views without the Gaussian blur (--blur_probability 0 0), as
 small-image recipes run them (lightly's and solo-learn's CIFAR-10 settings): a 3 x 3 blur with
 sigma up to 2 on a 28 px garment erases most of what tells a shirt from a pullover.
@@ -56,6 +59,7 @@ import numpy as np
 
 IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path(__file__).resolve().parent / "results" / "fashion_mnist.json"
+SMALL_IMAGE_CONFIG = Path(__file__).resolve().parent / "configs" / "fmnist_small_image.yaml"
 STEPS = ("pretrain", "evaluate", "random_init_linear", "supervised_scratch", "raw_pixel_logreg")
 # What each step writes into the results; a step that runs again replaces its own keys only.
 STEP_KEYS = {
@@ -174,9 +178,10 @@ def main() -> None:
                         help="Gaussian blur odds per view in pretraining (the paper's 224 px recipe: 1.0 0.1)")
     parser.add_argument("--min_crop_scale", type=float, default=0.08,
                         help="smallest area fraction of the pretraining crops (the paper's 0.08)")
-    parser.add_argument("--pretrain_config", type=Path,
+    parser.add_argument("--pretrain_config", type=lambda value: Path(value) if value else None, default=SMALL_IMAGE_CONFIG,
                         help="a barlow-pretrain --config file (YAML or JSON) for the other pretraining options, e.g. "
-                             "the optimiser's; this script's own options win over it")
+                             "the optimiser's; this script's own options win over it. Default: configs/"
+                             "fmnist_small_image.yaml, the settings of the recorded result; '' for the paper's")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
                         help="the steps to run (calibration goes with pretrain); results of the others in --results stay")
     parser.add_argument("--gpu", action="store_true",

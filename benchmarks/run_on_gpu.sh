@@ -14,8 +14,8 @@
 #                     elsewhere first and its record copied there (benchmarks/RESULTS.md), e.g.
 #                       FMNIST_STEPS="pretrain evaluate random_init_linear supervised_scratch" \
 #                         PRETRAIN_SECONDS=250 SKIP_GPU_STEP=1 ... 560 585
-#   FMNIST_ARGS       more fashion_mnist.py options, e.g.
-#                       FMNIST_ARGS="--pretrain_config benchmarks/configs/fmnist_small_image.yaml"
+#   FMNIST_ARGS       more fashion_mnist.py options, e.g. the paper's optimiser settings instead of
+#                     configs/fmnist_small_image.yaml (the default):  FMNIST_ARGS="--pretrain_config ''"
 #   SKIP_GPU_STEP     set: Fashion-MNIST only
 #
 # The lent machines' image lacks timm and datasets: carry their wheels (.whl, see
