@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_barlow", "modeling_barlow.*", "training", "training.*", "hub", "hub.*"]),
+    packages=find_packages(include=["modeling_barlow", "modeling_barlow.*", "training", "training.*", "hub", "hub.*", "barlow_cli"]),
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

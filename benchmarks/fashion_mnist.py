@@ -336,7 +336,7 @@ def _read_pretrain_config(path: Path | None) -> dict:
     """The --pretrain_config options, to record with the results (barlow-pretrain checks their names)."""
     if path is None:
         return {}
-    from training.arguments import read_config_file
+    from barlow_cli import read_config_file
 
     try:
         return read_config_file(path)

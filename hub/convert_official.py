@@ -31,7 +31,7 @@ import timm
 import torch
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining, BarlowTwinsModel, BarlowTwinsPreTrainedModel
-from training.arguments import parse_arguments
+from barlow_cli import parse_arguments
 
 from .export import EXPORT_FORMATS, ExportResult
 from .publish import prepare_output_folder, write_repository

@@ -26,7 +26,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 
 from modeling_barlow import BarlowTwinsForImageClassification, BarlowTwinsPreTrainedModel
-from training.arguments import parse_arguments
+from barlow_cli import parse_arguments
 
 from .export import EXPORT_FORMATS, ExportResult, export_model, load_barlow_model
 from .model_card import create_model_card, read_eval_metrics, read_training_args

@@ -4,7 +4,7 @@ Entry points: `barlow-pretrain` (`training.pretrain`). The pieces below are the 
 writing your own loop.
 """
 
-from .arguments import DataArguments, ModelArguments, OutputArguments, PretrainingArguments, parse_arguments
+from .arguments import DataArguments, ModelArguments, OutputArguments, PretrainingArguments
 from .augment import (
     TwoViewBatchAugmentation,
     TwoViewCropTransform,
@@ -40,7 +40,6 @@ __all__ = [
     "linear_probe_top1",
     "load_checkpoint",
     "load_image_dataset",
-    "parse_arguments",
     "prepare_stream",
     "resolve_image_column",
     "save_checkpoint",

@@ -9,16 +9,11 @@ Each CLI parses a tuple of these dataclasses (plus its own) with transformers' `
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NoReturn
-
-import yaml
-from transformers import HfArgumentParser
+from typing import Any
 
 from .augment.params import ViewAugmentationParams, barlow_twins_view_params
 
@@ -29,9 +24,7 @@ __all__ = [
     "ModelArguments",
     "OutputArguments",
     "PretrainingArguments",
-    "parse_arguments",
     "parse_projector_dims",
-    "read_config_file",
 ]
 
 
@@ -269,61 +262,6 @@ def parse_projector_dims(text: str) -> list[int]:
     if not dims or min(dims) <= 0:
         raise ValueError(f"--projector_dims must be positive widths joined by '-', e.g. 8192-8192-8192, got {text!r}.")
     return dims
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The options in a `--config` file (YAML for .yaml/.yml, else JSON); ValueError if unreadable."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"--config {path}: no such file.")
-    text = file.read_text(encoding="utf-8")
-    is_yaml = file.suffix in (".yaml", ".yml")
-    try:
-        values = yaml.safe_load(text) if is_yaml else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as error:
-        raise ValueError(f"--config {path} is not valid {'YAML' if is_yaml else 'JSON'}: {error}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path} must hold a mapping of option names to values.")
-    return values
-
-
-def parse_arguments(
-    dataclass_types: tuple[type, ...], argv: list[str] | None = None, description: str | None = None
-) -> tuple[Any, ...]:
-    """Parse `argv` into one instance per dataclass. Bad values exit with a usage error (code 2),
-    never a traceback. `--config FILE` values come first; command-line options override them."""
-    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML or JSON file of options; command-line options win.")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        known, _ = parser.parse_known_args(argv)  # only to find --config before the real parse
-        if known.config:
-            values = read_config_file(known.config)
-            names = {f.name for cls in dataclass_types for f in fields(cls)}
-            unknown = sorted(set(values) - names)
-            if unknown:
-                raise ValueError(f"--config {known.config}: unknown options {', '.join(unknown)}.")
-            # Values that the parser stores as strings (JSON and dash-joined lists) may come as YAML objects.
-            for key, value in values.items():
-                if key == "backbone_kwargs" and isinstance(value, dict):
-                    values[key] = json.dumps(value)
-                elif key == "projector_dims" and isinstance(value, list):
-                    values[key] = "-".join(str(v) for v in value)
-            parser.set_defaults(**values)
-        namespace = parser.parse_args(argv)
-        kwargs = vars(namespace)
-        kwargs.pop("config")
-        outputs = []
-        for cls in dataclass_types:
-            names = {f.name for f in fields(cls) if f.init}
-            outputs.append(cls(**{k: v for k, v in kwargs.items() if k in names}))
-        return tuple(outputs)
-    except (ValueError, yaml.YAMLError, json.JSONDecodeError) as error:
-        _usage_error(parser, str(error))
-
-
-def _usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
-    parser.error(message)
 
 
 @dataclass

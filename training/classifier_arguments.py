@@ -1,7 +1,7 @@
 """Options of the classifier CLIs, barlow-eval and barlow-finetune, defined once.
 
 Options they share with barlow-pretrain reuse its field definitions through `_shared` (same help
-and choices; a CLI may change the default). Parsing is `training.arguments.parse_arguments`.
+and choices; a CLI may change the default). Parsing is `barlow_cli.parse_arguments`.
 """
 
 from __future__ import annotations

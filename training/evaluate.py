@@ -30,7 +30,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .arguments import DataArguments, parse_arguments
+from barlow_cli import parse_arguments
+
+from .arguments import DataArguments
 from .classifier_arguments import EvaluationArguments, PretrainedModelArguments, SupervisedDataArguments
 from .features import extract_features, knn_topk_accuracy
 from .optim import create_scheduler

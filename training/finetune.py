@@ -30,7 +30,9 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .arguments import DataArguments, HubArguments, parse_arguments
+from barlow_cli import parse_arguments
+
+from .arguments import DataArguments, HubArguments
 from .classifier_arguments import FinetuningArguments, PretrainedModelArguments, SupervisedDataArguments
 from .optim import create_scheduler, warmup_steps_from_epochs
 from .classifier_training import classifier_optimizer, evaluate_classifier, fit_classifier

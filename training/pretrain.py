@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from barlow_cli import parse_arguments
 from modeling_barlow import (
     BarlowTwinsConfig,
     BarlowTwinsForPreTraining,
@@ -41,7 +42,6 @@ from .arguments import (
     ModelArguments,
     OutputArguments,
     PretrainingArguments,
-    parse_arguments,
     parse_projector_dims,
 )
 from .augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTransform

@@ -1,0 +1,60 @@
+"""Running a command: logging, and the exit status of each outcome.
+
+Console scripts call ``sys.exit(main())``: a ``main`` that returns anything but None or an int
+makes the command print it and exit with status 1 even on success. Every ``main`` therefore
+returns None and leaves the status to :func:`run_command`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["CommandFailed", "UsageError", "run_command", "setup_logging", "EXIT_FAILED", "EXIT_USAGE"]
+
+EXIT_FAILED = 1  # the run failed, or was stopped (a signal, non-finite losses)
+EXIT_USAGE = 2  # argparse's status: an option to change before running again
+
+
+class UsageError(ValueError):
+    """An option that cannot work (a file given as the output folder, a batch below 2, ...):
+    exit status 2, as argparse gives for a malformed option."""
+
+
+class CommandFailed(RuntimeError):
+    """A run that could not finish, or was stopped; its message says why and what was kept."""
+
+
+# Errors whose message is the whole answer: bad input found while running (a missing file, an
+# unreadable checkpoint, an unknown split) rather than a bug, which keeps its traceback.
+_EXPECTED_ERRORS: tuple[type[BaseException], ...] = (CommandFailed, ValueError, OSError)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Timestamped INFO logs on stderr, the same for every command."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
+
+
+def run_command(prog: str, body: Callable[[], Any], *, expected: tuple[type[BaseException], ...] = ()) -> None:
+    """Run ``body()`` and exit the way shell scripts and schedulers read it.
+
+    Returns normally on success (status 0; ``body``'s result is discarded). Exits with status 2
+    on a :class:`UsageError`, and with status 1 on any other expected error (``ValueError``,
+    ``OSError``, :class:`CommandFailed` and ``expected``) or Ctrl-C, printing
+    ``"{prog}: error: {message}"`` on one line instead of a traceback."""
+    try:
+        body()
+    except UsageError as error:
+        _exit(prog, error, EXIT_USAGE)
+    except (*_EXPECTED_ERRORS, *expected) as error:
+        _exit(prog, error, EXIT_FAILED)
+    except KeyboardInterrupt:
+        _exit(prog, "interrupted (Ctrl-C).", EXIT_FAILED)
+
+
+def _exit(prog: str, error: BaseException | str, status: int) -> None:
+    message = str(error) or type(error).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
