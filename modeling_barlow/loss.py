@@ -46,11 +46,13 @@ class BarlowTwinsLossOutput:
         loss: ``loss_scale * (on_diagonal + off_diagonal_weight * off_diagonal)``.
         on_diagonal: ``sum_i (1 - C_ii)^2``, unweighted.
         off_diagonal: ``sum_{i != j} C_ij^2``, unweighted.
+        diagonal_mean: ``mean_i C_ii``, detached: how well the views agree, 1 at the optimum.
     """
 
     loss: torch.Tensor
     on_diagonal: torch.Tensor
     off_diagonal: torch.Tensor
+    diagonal_mean: torch.Tensor
 
 
 def _standardise(z: torch.Tensor, n: int, eps: float) -> torch.Tensor:
@@ -159,7 +161,9 @@ def barlow_twins_loss(
         on_diagonal = (1.0 - diagonal).square().sum()
         off_diagonal = (frobenius - diagonal.double().square().sum()).float()
         loss = loss_scale * (on_diagonal + off_diagonal_weight * off_diagonal)
-    return BarlowTwinsLossOutput(loss=loss, on_diagonal=on_diagonal, off_diagonal=off_diagonal)
+    return BarlowTwinsLossOutput(
+        loss=loss, on_diagonal=on_diagonal, off_diagonal=off_diagonal, diagonal_mean=diagonal.detach().mean()
+    )
 
 
 @torch.no_grad()

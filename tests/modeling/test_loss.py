@@ -132,3 +132,17 @@ def test_batch_of_one_is_a_clear_error():
 def test_mismatched_shapes_are_a_clear_error(shapes):
     with pytest.raises(ValueError, match="same shape"):
         barlow_twins_loss(torch.randn(*shapes[0]), torch.randn(*shapes[1]))
+
+
+@pytest.mark.parametrize("path", ["gram", "direct"])
+def test_diagonal_mean_is_the_mean_of_c_ii(path):
+    # The number logged beside the loss, which reads the same at any width: against C written out.
+    z1 = torch.randn(24, 40) * 2 + 1
+    z2 = 0.7 * z1 + torch.randn(24, 40)
+    out = barlow_twins_loss(z1, z2, path=path)
+    a = (z1.double() - z1.double().mean(0)) / torch.sqrt(z1.double().var(0, unbiased=False) + 1e-5)
+    b = (z2.double() - z2.double().mean(0)) / torch.sqrt(z2.double().var(0, unbiased=False) + 1e-5)
+    c = a.T @ b / 24
+    assert out.diagonal_mean.item() == pytest.approx(torch.diagonal(c).mean().item(), rel=1e-5)
+    assert 0.3 < out.diagonal_mean.item() < 1  # correlated views
+    assert not out.diagonal_mean.requires_grad
