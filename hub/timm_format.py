@@ -45,6 +45,11 @@ def _is_classifier(model: BarlowTwinsPreTrainedModel) -> bool:
 
 def timm_incompatibility(config: BarlowTwinsConfig) -> str | None:
     """Why plain timm cannot rebuild this network from a config, or None when it can."""
+    if config.num_channels == 1:
+        return (
+            "it takes one-channel images. transformers' pipelines and timm's preprocessing give RGB images, "
+            "which timm's one-channel network refuses; this project's encoder turns them into luminance itself"
+        )
     if config.small_image_stem:
         return (
             "it uses the small-image stem (a 3x3 stride-1 first convolution and no max-pool). timm's ResNet "

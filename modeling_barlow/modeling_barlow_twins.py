@@ -51,6 +51,8 @@ class BarlowTwinsForPreTrainingOutput(ModelOutput):
         on_diagonal_loss (`torch.FloatTensor` of shape `()`, *optional*): `sum_i (1 - C_ii)^2`.
         off_diagonal_loss (`torch.FloatTensor` of shape `()`, *optional*): `sum_{i != j} C_ij^2`,
             before `off_diagonal_weight`.
+        diagonal_mean (`torch.FloatTensor` of shape `()`, *optional*): `mean_i C_ii`, 1 at the
+            optimum; with `off_diagonal_loss / (D * (D - 1))` it reads the same at any width D.
         projections (`torch.FloatTensor` of shape `(batch_size, D)`): projector output, first view.
         projections_2 (`torch.FloatTensor` of shape `(batch_size, D)`, *optional*): second view.
         pooler_output (`torch.FloatTensor` of shape `(batch_size, num_features)`): encoder
@@ -60,6 +62,7 @@ class BarlowTwinsForPreTrainingOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     on_diagonal_loss: torch.FloatTensor | None = None
     off_diagonal_loss: torch.FloatTensor | None = None
+    diagonal_mean: torch.FloatTensor | None = None
     projections: torch.FloatTensor | None = None
     projections_2: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
@@ -86,6 +89,22 @@ def _use_small_image_stem(backbone: nn.Module, name: str) -> None:
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     backbone.conv1 = conv
     backbone.maxpool = nn.Identity()
+
+
+# PIL's luminance weights ("L" mode); they sum to 1, so the luminance of images normalised with
+# one mean and std for every channel is the normalised luminance.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _to_backbone_channels(pixel_values: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luminance for a one-channel backbone; other inputs unchanged.
+
+    transformers' pipelines hand every image over as RGB and image processors keep three channels,
+    so a one-channel encoder takes RGB too and converts it as PIL's convert("L") does."""
+    if num_channels == 1 and pixel_values.ndim == 4 and pixel_values.shape[1] == 3:
+        weights = pixel_values.new_tensor(_LUMA).view(1, 3, 1, 1)
+        return (pixel_values * weights).sum(1, keepdim=True)
+    return pixel_values
 
 
 class BarlowTwinsProjector(nn.Sequential):
@@ -168,14 +187,15 @@ class BarlowTwinsModel(BarlowTwinsPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         r"""
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`).
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`);
+                a one-channel encoder also takes three channels, which it turns into luminance.
 
         Returns:
             `BaseModelOutputWithPooling` with `last_hidden_state`, timm's `forward_features`
             output ((B, C, H, W) for CNNs, (B, T, C) for ViTs), and `pooler_output`, the
             pre-logits embedding of shape (B, num_features).
         """
-        features = self.backbone.forward_features(pixel_values)
+        features = self.backbone.forward_features(_to_backbone_channels(pixel_values, self.config.num_channels))
         pooled = self.backbone.forward_head(features, pre_logits=True)
         return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
 
@@ -229,6 +249,7 @@ class BarlowTwinsForPreTraining(BarlowTwinsPreTrainedModel):
             loss=None if loss is None else loss.loss,
             on_diagonal_loss=None if loss is None else loss.on_diagonal,
             off_diagonal_loss=None if loss is None else loss.off_diagonal,
+            diagonal_mean=None if loss is None else loss.diagonal_mean,
             projections=projections,
             projections_2=projections_2,
             pooler_output=pooled,
