@@ -63,6 +63,7 @@ _TRAINING_ROWS = (
     ("warmup_epochs", "warm-up epochs"),
     ("warmup_steps", "warm-up steps"),
     ("num_train_epochs", "epochs"),
+    ("max_train_steps", "optimizer steps (limit)"),
     ("global_batch_size", "global batch size"),
     ("per_device_train_batch_size", "batch size per device"),
     ("num_processes", "processes"),
@@ -201,10 +202,14 @@ def _cell(value: Any) -> str:
 
 
 def _training_rows(training_args: dict[str, Any] | None, run_metrics: dict[str, Any] | None) -> list[tuple[str, str]]:
+    # A run limited by its steps did not train for its (default) epochs: those would mislead.
+    skipped = {"num_train_epochs"} if (training_args or {}).get("max_train_steps") else set()
+    if (training_args or {}).get("warmup_steps") is not None:
+        skipped.add("warmup_epochs")
     rows = []
     for source, names in ((training_args, _TRAINING_ROWS), (run_metrics, _RUN_ROWS)):
         for key, label in names:
-            if source and source.get(key) not in (None, ""):
+            if source and key not in skipped and source.get(key) not in (None, ""):
                 rows.append((label, _cell(source[key])))
     return rows
 
@@ -218,13 +223,15 @@ def _dataset_label(training_args: dict[str, Any] | None, dataset_name: str | Non
         return dataset_name
     if not training_args:
         return None
-    if _is_hub_id(training_args.get("dataset_name")):
-        return training_args["dataset_name"]
-    if training_args.get("dataset_name") or training_args.get("train_dir"):
-        return "a local image collection"  # never publish local paths
-    if "dataset_name" in training_args:
+    name, folder = training_args.get("dataset_name"), training_args.get("train_dir")
+    if "dataset_name" in training_args and not name and not folder:
         return "scikit-learn's handwritten digits (the trainer's offline default)"
-    return None
+    local = training_args.get("dataset_is_local")
+    if local is None:  # a run recorded before the trainer said where its data came from
+        local = not _is_hub_id(name)
+    if folder or local:
+        return "a local image collection"  # never publish local paths
+    return name
 
 
 @dataclass
