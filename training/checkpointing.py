@@ -1,12 +1,15 @@
 """Atomic training checkpoints: accelerate's `save_state` plus where the loop stood.
 
 A checkpoint is written to a hidden temporary folder and renamed into place only when complete,
-so an interrupted save is never taken for `latest`.
+so an interrupted save is never taken for `latest`. Older checkpoints beyond `save_total_limit`
+are deleted only once the new one is complete. Resuming from `latest` takes the newest checkpoint
+that loads: a damaged one (a truncated file, say) is named and skipped.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,8 +19,18 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from barlow_cli import UsageError
 
-__all__ = ["TrainerState", "find_latest_checkpoint", "load_checkpoint", "save_checkpoint", "truncate_history"]
+__all__ = [
+    "TrainerState",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+    "truncate_history",
+]
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -39,12 +52,14 @@ def save_checkpoint(
     output_dir: str | Path,
     state: TrainerState,
     save_extra: Callable[[Path], None] | None = None,
+    save_total_limit: int | None = None,
 ) -> Path:
     """Save model, optimizer, registered objects (the scheduler) and RNG states, atomically.
 
     Every process must call this (accelerate gathers what it needs); the main process renames the
     finished folder to `checkpoint-{global_step}`. `save_extra(folder)` runs on the main process
-    before the rename, e.g. to add the config that lets `from_pretrained` load the folder."""
+    before the rename, e.g. to add the config that lets `from_pretrained` load the folder. With
+    `save_total_limit` N, only the newest N checkpoints are kept (HF's option of that name)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{state.global_step}"
     partial = output_dir / f".checkpoint-{state.global_step}.partial"
@@ -60,33 +75,78 @@ def save_checkpoint(
         if final.exists():  # a checkpoint of the same step from an earlier run
             shutil.rmtree(final)
         partial.rename(final)
+        if save_total_limit:
+            for old in list_checkpoints(output_dir)[save_total_limit:]:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step in `output_dir`, or None."""
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints in `output_dir`, newest (highest step) first."""
     candidates = []
     for path in Path(output_dir).glob("checkpoint-*"):
         match = _NAME.match(path.name)
         if match and (path / STATE_FILE).is_file():
             candidates.append((int(match.group(1)), path))
-    return max(candidates)[1] if candidates else None
+    return [path for _, path in sorted(candidates, reverse=True)]
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path, output_dir: str | Path) -> tuple[Path, TrainerState]:
-    """Restore a checkpoint given as a folder or as 'latest' (in `output_dir`)."""
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in `output_dir`, or None."""
+    found = list_checkpoints(output_dir)
+    return found[0] if found else None
+
+
+class CheckpointMismatch(UsageError):
+    """The checkpoint was saved by a run whose model has other shapes than this run's: resuming
+    needs the options it was trained with (a usage error, exit status 2)."""
+
+
+def load_checkpoint(
+    accelerator: Accelerator,
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    check_compatible: Callable[[Path], None] | None = None,
+) -> tuple[Path, TrainerState]:
+    """Restore a checkpoint given as a folder, or as 'latest': the newest one in `output_dir`
+    that loads. A damaged checkpoint is logged and skipped for the one before it;
+    `check_compatible(folder)` (raising `CheckpointMismatch`) runs before each is loaded.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint (or not a checkpoint folder).
+        CheckpointMismatch: the checkpoint belongs to another model.
+        ValueError: the named checkpoint is damaged, or every one in `output_dir` is.
+    """
     if str(checkpoint) == "latest":
-        path = find_latest_checkpoint(output_dir)
-        if path is None:
+        candidates = list_checkpoints(output_dir)
+        if not candidates:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}.")
     else:
-        path = Path(checkpoint)
-        if not (path / STATE_FILE).is_file():
+        candidates = [Path(checkpoint)]
+        if not (candidates[0] / STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: not a complete checkpoint folder.")
-    accelerator.load_state(str(path))
-    state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
-    return path, state
+    damaged = []
+    for path in candidates:
+        if check_compatible is not None:
+            check_compatible(path)
+        try:
+            state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+            accelerator.load_state(str(path))
+        except CheckpointMismatch:
+            raise
+        except Exception as error:  # noqa: BLE001 - any file that does not load makes the checkpoint unusable
+            if "size mismatch" in str(error):
+                raise CheckpointMismatch(
+                    f"{path} holds a model of other shapes than this run's (the backbone, its options or the "
+                    "projector differ): pass the options it was trained with, or start a new run."
+                ) from None
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            damaged.append(f"{path.name} ({reason})")
+            logger.warning(f"Checkpoint {path} is damaged and was skipped: {reason}")
+            continue
+        return path, state
+    raise ValueError(f"No checkpoint could be loaded: {'; '.join(damaged)}.")
 
 
 def truncate_history(path: str | Path, step: int) -> dict:
