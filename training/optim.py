@@ -26,9 +26,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 __all__ = [
     "OPTIMIZER_NAMES",
+    "StepPlan",
     "WarmupCosine",
     "create_optimizer",
     "create_scheduler",
+    "plan_steps",
     "split_parameter_groups",
     "warmup_cosine_lambda",
     "warmup_steps_from_epochs",
@@ -212,3 +214,74 @@ def warmup_steps_from_epochs(warmup_epochs: float, steps_per_epoch: int) -> int:
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
     return round(warmup_epochs * steps_per_epoch)
+
+
+# The paper warms up for 10 of its 1000 epochs; without a dataset size, 1% of the steps does the same.
+DEFAULT_WARMUP_EPOCHS = 10.0
+FALLBACK_WARMUP_RATIO = 0.01
+
+
+@dataclass
+class StepPlan:
+    """How long a run is: optimizer steps per epoch (None when the data's size is unknown), total
+    steps and warm-up steps, and where the warm-up length came from (for the log)."""
+
+    steps_per_epoch: int | None
+    total_steps: int
+    warmup_steps: int
+    warmup_source: str
+
+
+def plan_steps(
+    num_examples: int | None,
+    steps_per_example_batch: int,
+    *,
+    num_train_epochs: float,
+    max_train_steps: int | None = None,
+    warmup_steps: int | None = None,
+    warmup_ratio: float | None = None,
+    warmup_epochs: float | None = None,
+) -> StepPlan:
+    """Resolve the run's length and warm-up.
+
+    Args:
+        num_examples: examples per epoch (after any sample cap), or None when unknown.
+        steps_per_example_batch: examples per optimizer step (the global batch: per-device batch x
+            processes x accumulation steps).
+        num_train_epochs, max_train_steps: the length; ``max_train_steps`` wins when given.
+        warmup_steps, warmup_ratio, warmup_epochs: the warm-up, first given wins in that order
+            (HF's precedence of steps over ratio). With none of them: 10 epochs when the size is
+            known (the paper's), else 1% of the steps (10 of the paper's 1000 epochs).
+
+    Raises:
+        ValueError: no full step per epoch; or neither the size nor ``max_train_steps`` is known.
+    """
+    steps_per_epoch = None
+    if num_examples is not None:
+        steps_per_epoch = num_examples // steps_per_example_batch
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"{num_examples} training examples make no full step of {steps_per_example_batch} images "
+                "(batch x processes x accumulation steps); lower --per_device_train_batch_size."
+            )
+    if max_train_steps:
+        total = max_train_steps
+    elif steps_per_epoch is not None:
+        total = math.ceil(num_train_epochs * steps_per_epoch)
+    else:
+        raise ValueError("The dataset does not say how many examples it has: pass --max_train_steps.")
+    if warmup_steps is not None:
+        warmup, source = warmup_steps, "--warmup_steps"
+    elif warmup_ratio is not None:
+        warmup, source = math.ceil(warmup_ratio * total), f"--warmup_ratio {warmup_ratio:g}"
+    elif steps_per_epoch is not None:
+        epochs = DEFAULT_WARMUP_EPOCHS if warmup_epochs is None else warmup_epochs
+        warmup, source = warmup_steps_from_epochs(epochs, steps_per_epoch), f"{epochs:g} epochs"
+    elif warmup_epochs is not None:
+        raise ValueError(
+            "--warmup_epochs needs the dataset's size, which it does not record: give --warmup_steps or --warmup_ratio."
+        )
+    else:
+        warmup = math.ceil(FALLBACK_WARMUP_RATIO * total)
+        source = "1% of the steps (the dataset's size is unknown; 10 of the paper's 1000 epochs)"
+    return StepPlan(steps_per_epoch, total, min(warmup, total), source)

@@ -332,3 +332,27 @@ FROZEN = nn.Linear(2, 2).requires_grad_(False)
 def test_bad_arguments_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_plan_steps_resolves_length_and_warmup():
+    from training.optim import plan_steps
+
+    # 1000 examples, 50 per step: 20 steps per epoch. The paper's 10 warm-up epochs by default.
+    plan = plan_steps(1000, 50, num_train_epochs=20)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (20, 400, 200)
+    assert plan_steps(1000, 50, num_train_epochs=20, warmup_epochs=1).warmup_steps == 20
+    assert plan_steps(1000, 50, num_train_epochs=20, warmup_ratio=0.05).warmup_steps == 20  # ceil(0.05 x 400)
+    # HF's precedence: steps over ratio over epochs; max_train_steps over epochs.
+    assert plan_steps(1000, 50, num_train_epochs=20, warmup_steps=7, warmup_ratio=0.5, warmup_epochs=3).warmup_steps == 7
+    limited = plan_steps(1000, 50, num_train_epochs=20, max_train_steps=30)
+    assert (limited.total_steps, limited.warmup_steps) == (30, 30)  # 10 epochs of warm-up, capped at the run
+    # A stream without a recorded size: 1% of the steps (10 of the paper's 1000 epochs), said so.
+    unknown = plan_steps(None, 50, num_train_epochs=20, max_train_steps=300)
+    assert (unknown.steps_per_epoch, unknown.total_steps, unknown.warmup_steps) == (None, 300, 3)
+    assert "1%" in unknown.warmup_source
+    with pytest.raises(ValueError, match="--max_train_steps"):
+        plan_steps(None, 50, num_train_epochs=20)
+    with pytest.raises(ValueError, match="--warmup_epochs needs the dataset's size"):
+        plan_steps(None, 50, num_train_epochs=20, max_train_steps=300, warmup_epochs=2)
+    with pytest.raises(ValueError, match="make no full step"):
+        plan_steps(40, 50, num_train_epochs=1)
