@@ -55,6 +55,7 @@ def run_command(prog: str, body: Callable[[], Any], *, expected: tuple[type[Base
 
 
 def _exit(prog: str, error: BaseException | str, status: int) -> None:
-    message = str(error) or type(error).__name__
+    # One line, whatever the library that raised wrapped into it: scripts grep it, people read it.
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(status)

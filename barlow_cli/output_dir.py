@@ -37,6 +37,7 @@ def prepare_output_dir(
     option: str = "--output_dir",
     overwrite_option: str = "--overwrite_output_dir",
     resume_hint: str | None = None,
+    holds: str = "holds an earlier run",
 ) -> Path:
     """Create ``folder`` (with its parents) and check that the run may write there.
 
@@ -47,7 +48,8 @@ def prepare_output_dir(
         overwrite: remove the earlier run's files first (only those matching ``run_files``;
             other files stay), on the main process of a launch.
         resume: the run continues the one in the folder; its files stay.
-        option, overwrite_option, resume_hint: how the message names the options.
+        option, overwrite_option, resume_hint, holds: how the message names the options and
+            what the folder holds.
 
     Raises:
         UsageError: the folder is a file, cannot be created or written, or holds an earlier
@@ -72,7 +74,7 @@ def prepare_output_dir(
             if resume_hint:
                 ways.append(resume_hint)
             raise UsageError(
-                f"{option} {folder} holds an earlier run ({shown}). Choose another folder, or {' or '.join(ways)}."
+                f"{option} {folder} {holds} ({shown}). Choose another folder, or {' or '.join(ways)}."
             )
         if _is_main_process():
             for item in earlier:

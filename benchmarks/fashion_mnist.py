@@ -154,7 +154,7 @@ def calibrated_epochs(args, data: Path, speed: list[str], num_examples: int) -> 
     out = args.work_dir / "calibration"
     steps, window = ("4", "2") if args.smoke else ("40", "10")
     pretrain([*_pretrain_args(args, data, out, "1", speed, []), "--max_train_steps", steps, "--warmup_steps", "2",
-              "--logging_steps", window])
+              "--logging_steps", window, "--overwrite_output_dir"])
     windows = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()][1:]
     rate = float(np.median([w["images_per_second"] for w in windows]))
     # 15% for what the calibration does not see: loader restarts at epoch ends, the final save.
@@ -210,9 +210,22 @@ def main() -> None:
         raw_future = background.submit(raw_pixel_logistic_regression, data, 512 if args.smoke else None, RAW_PIXEL_THREADS)
 
     from training.checkpointing import find_latest_checkpoint
-    from training.evaluate import main as evaluate
-    from training.finetune import main as finetune
-    from training.pretrain import main as pretrain
+    from training.evaluate import main as evaluate_main
+    from training.finetune import main as finetune_main
+    from training.pretrain import main as pretrain_main
+
+    def returning(command, result_file: str):
+        """A command that returns the JSON it wrote; a rerun replaces its earlier output (a resumed
+        pretraining keeps its checkpoints)."""
+        def run(argv: list[str]) -> dict:
+            if "--resume_from_checkpoint" not in argv:
+                argv = [*argv, "--overwrite_output_dir"]
+            command(argv)
+            return json.loads((Path(argv[argv.index("--output_dir") + 1]) / result_file).read_text())
+        return run
+
+    evaluate, finetune = returning(evaluate_main, "eval_results.json"), returning(finetune_main, "metrics.json")
+    pretrain = returning(pretrain_main, "metrics.json")
 
     cap = ["--max_train_samples", "512", "--max_eval_samples", "256"] if args.smoke else []
     # Loader workers decode and crop on the CPU: every core but two (the training process's) and

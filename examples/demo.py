@@ -45,6 +45,7 @@ def main() -> None:
         "--backbone_kwargs", '{"channels": [16, 32, 64, 128]}', "--small_image_stem", "--image_size", "32",
         "--projector_dims", "1024-1024-1024", "--per_device_train_batch_size", "128",
         "--num_train_epochs", args.num_train_epochs, "--warmup_epochs", "1", "--logging_steps", "11",
+        "--overwrite_output_dir",  # the demo replaces its earlier run
     ])
 
     print("\n2/3 Evaluating features on the held-out digits (kNN k=20 cosine; logistic-regression probe)")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import pickle
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +30,7 @@ import timm
 import torch
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining, BarlowTwinsModel, BarlowTwinsPreTrainedModel
-from barlow_cli import parse_arguments
+from barlow_cli import parse_arguments, run_command, setup_logging
 
 from .export import EXPORT_FORMATS, ExportResult
 from .publish import prepare_output_folder, write_repository
@@ -82,9 +81,10 @@ def load_official_checkpoint(path: str | Path) -> Any:
             ) from None
         reason = detail[1].strip() if detail else str(error).splitlines()[0]
         raise ValueError(f"{file} is not a readable PyTorch checkpoint ({reason}).") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else repr(error)
-        raise ValueError(f"{file} is not a readable PyTorch checkpoint: {reason}") from None
+    except Exception as error:  # noqa: BLE001 - torch's legacy reader fails in many ways on other files
+        # (a text file raises KeyError on its first byte): none of them is a checkpoint.
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{file} is not a readable PyTorch checkpoint ({type(error).__name__}: {reason}).") from None
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -250,19 +250,17 @@ class ConvertArguments:
             raise ValueError("--checkpoint and --output_dir are required.")
 
 
-def main(argv: list[str] | None = None) -> ExportResult:
+def main(argv: list[str] | None = None) -> None:
     """The `barlow-convert` command: bad options exit with code 2, refused or unrecognised files
     with code 1, both with a message instead of a traceback."""
     (args,) = parse_arguments((ConvertArguments,), argv, description=__doc__)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
-    try:
+    setup_logging()
+
+    def run() -> None:
         result = convert_checkpoint(**asdict(args))
-    except (ValueError, OSError) as error:
-        sys.exit(f"barlow-convert: error: {error}")
-    print(f"Converted {args.checkpoint} into {result.folder}")
-    return result
+        print(f"Converted {args.checkpoint} into {result.folder}")
+
+    run_command("barlow-convert", run)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ trainers' --push_to_hub calls.
 from __future__ import annotations
 
 import logging
-import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 
 from modeling_barlow import BarlowTwinsForImageClassification, BarlowTwinsPreTrainedModel
-from barlow_cli import parse_arguments
+from barlow_cli import UsageError, parse_arguments, prepare_output_dir, run_command, setup_logging
 
 from .export import EXPORT_FORMATS, ExportResult, export_model, load_barlow_model
 from .model_card import create_model_card, read_eval_metrics, read_training_args
@@ -147,18 +145,10 @@ def prepare_output_folder(
     if isinstance(source, (str, Path)):
         source_path = Path(source).resolve()
         if path == source_path or path in source_path.parents:
-            raise ValueError(f"{option} {folder} holds the model folder {source}: choose a separate folder.")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{option} {folder} is a file, not a folder.")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise ValueError(
-                f"{option} {folder} is not empty, and its old files would be published with the new ones. "
-                f"Choose a new folder or pass {option.replace('--', '--overwrite_')}."
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+            raise UsageError(f"{option} {folder} holds the model folder {source}: choose a separate folder.")
+    return prepare_output_dir(path, ("*", ".*"), overwrite=overwrite, option=option,
+                              overwrite_option=option.replace("--", "--overwrite_"),
+                              holds="is not empty, and its old files would be published with the new ones")
 
 
 def _base_model(training_args: dict[str, Any] | None) -> str | None:
@@ -321,24 +311,22 @@ def _http_error_message(error: HfHubHTTPError, repo_id: str, revision: str | Non
     return f"The hub refused the upload of {repo_id!r} (HTTP {status}): {detail}"
 
 
-def main(argv: list[str] | None = None) -> PublishResult:
+def main(argv: list[str] | None = None) -> None:
     """The `barlow-publish` command. Bad options exit with code 2, failures with code 1, both
     with a one-line message instead of a traceback."""
     (args,) = parse_arguments((PublishArguments,), argv, description=__doc__)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
-    try:
+    setup_logging()
+
+    def run() -> None:
         result = publish(**asdict(args))
-    except (ValueError, OSError, SafetensorError, PublishError) as error:
-        sys.exit(f"barlow-publish: error: {error}")
-    if result.folder:
-        print(f"Repository folder: {result.folder}")
-    if result.encoder_format == "timm":
-        print("The encoder is in timm's format: it loads without custom code in timm and transformers.")
-    if result.url:
-        print(f"Uploaded: {result.url}")
-    return result
+        if result.folder:
+            print(f"Repository folder: {result.folder}")
+        if result.encoder_format == "timm":
+            print("The encoder is in timm's format: it loads without custom code in timm and transformers.")
+        if result.url:
+            print(f"Uploaded: {result.url}")
+
+    run_command("barlow-publish", run, expected=(SafetensorError, PublishError))
 
 
 if __name__ == "__main__":

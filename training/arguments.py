@@ -105,7 +105,9 @@ class ModelArguments:
 class PretrainingArguments:
     """Optimisation and the training loop."""
 
-    per_device_train_batch_size: int = field(default=256, metadata={"help": "Images per process per step."})
+    per_device_train_batch_size: int = field(
+        default=256, metadata={"help": "Images per process per step (at least 2: the loss standardises over the batch)."}
+    )
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches per optimizer step (each micro-batch has its own C)."}
     )
@@ -131,8 +133,17 @@ class PretrainingArguments:
         metadata={"help": "Cap each weight's LARS step at the learning rate: min(eta x ||w|| / ||g||, lr) instead "
                           "of the product (LARC's clip mode; solo-learn's CIFAR recipes use it with eta 0.02)."},
     )
-    warmup_epochs: float = field(default=10, metadata={"help": "Linear warm-up length in epochs."})
-    warmup_steps: int | None = field(default=None, metadata={"help": "Warm-up length in steps; overrides --warmup_epochs."})
+    warmup_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Linear warm-up length in epochs. Default: the paper's 10 when the dataset's size is known, "
+                          "else 1%% of the steps (10 of the paper's 1000 epochs)."},
+    )
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "Warm-up length as a fraction of all steps; overrides --warmup_epochs."}
+    )
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "Warm-up length in steps; overrides --warmup_ratio and --warmup_epochs."}
+    )
     mixed_precision: str = field(
         default="no", metadata={"help": "no, fp16 or bf16 (the loss stays fp32).", "choices": ["no", "fp16", "bf16"]}
     )
@@ -176,6 +187,9 @@ class PretrainingArguments:
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
             _positive(name, getattr(self, name))
+        if self.per_device_train_batch_size < 2:
+            raise ValueError("--per_device_train_batch_size must be at least 2: Barlow Twins standardises each "
+                             "embedding dimension over the batch.")
         if self.activation_memory_budget is not None:
             if not self.torch_compile:
                 raise ValueError("--activation_memory_budget needs --torch_compile (it shapes the compiled backward).")
@@ -188,8 +202,10 @@ class PretrainingArguments:
                 raise ValueError(f"--{name} takes two probabilities in [0, 1], one per view, got {values}.")
         if self.num_train_epochs <= 0:
             raise ValueError("--num_train_epochs must be > 0.")
-        if min(self.learning_rate_weights, self.learning_rate_biases, self.weight_decay, self.warmup_epochs) < 0:
+        if min(self.learning_rate_weights, self.learning_rate_biases, self.weight_decay, self.warmup_epochs or 0) < 0:
             raise ValueError("Learning rates, --weight_decay and --warmup_epochs must be >= 0.")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}.")
         if self.lars_trust_coefficient <= 0:
             raise ValueError(f"--lars_trust_coefficient must be > 0, got {self.lars_trust_coefficient}.")
         if self.warmup_steps is not None and self.warmup_steps < 0:
@@ -209,13 +225,26 @@ class OutputArguments:
     """Outputs, checkpoints and monitoring."""
 
     output_dir: str | None = field(
-        default=None, metadata={"help": "Where the model, checkpoints, metrics and plots are written (required)."}
+        default=None,
+        metadata={"help": "Where the model, checkpoints, metrics and plots are written (required). A folder that "
+                          "holds an earlier run is refused unless --overwrite_output_dir or --resume_from_checkpoint."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an --output_dir that holds an earlier run: its model, checkpoints and logs "
+                          "are removed first (other files are kept)."},
     )
     checkpointing_steps: str | None = field(
         default=None, metadata={"help": "Save a checkpoint every N optimizer steps, or 'epoch' at every epoch end."}
     )
+    save_total_limit: int | None = field(
+        default=None,
+        metadata={"help": "Keep only the newest N checkpoints; an older one is deleted once a newer one is complete."},
+    )
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "A checkpoint folder to continue from, or 'latest' in --output_dir."}
+        default=None,
+        metadata={"help": "A checkpoint folder to continue from, or 'latest': the newest checkpoint in --output_dir "
+                          "that loads (a damaged one is skipped)."},
     )
     report_to: str = field(
         default="none",
@@ -237,6 +266,7 @@ class OutputArguments:
             if not self.checkpointing_steps.isdigit() or int(self.checkpointing_steps) <= 0:
                 raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {self.checkpointing_steps!r}.")
         _positive("logging_steps", self.logging_steps)
+        _positive("save_total_limit", self.save_total_limit)
         _positive("knn_eval_steps", self.knn_eval_steps)
         _positive("knn_k", self.knn_k)
         if self.knn_temperature <= 0:
@@ -285,16 +315,16 @@ class HubArguments:
         if self.push_to_hub and not get_token():
             raise ValueError("--push_to_hub needs a token: set HF_TOKEN or run `hf auth login`.")
 
-    def push(self, output_dir: str | Path, dataset_name: str | None = None) -> str | None:
-        """Publish `output_dir` with the same code as `barlow-publish`; returns the URL. Only the
-        main process of a launch uploads."""
+    def push(self, output_dir: str | Path) -> str | None:
+        """Publish `output_dir` with the same code as `barlow-publish` (the card names the dataset
+        from the run's training_args.json, never a local path); returns the URL. Only the main
+        process of a launch uploads."""
         if not self.push_to_hub or int(os.environ.get("RANK", "0")) != 0:
             return None
-        from hub import PublishError, publish  # hub's CLI imports this module: import when needed
+        from hub import PublishError, publish
 
         try:
-            result = publish(output_dir, repo_id=self.hub_model_id, push=True, private=self.hub_private_repo,
-                             dataset_name=dataset_name)
+            result = publish(output_dir, repo_id=self.hub_model_id, push=True, private=self.hub_private_repo)
         except PublishError as error:
             raise ValueError(
                 f"The model is saved in {output_dir}, but the upload failed: {error} "

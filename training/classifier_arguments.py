@@ -83,7 +83,14 @@ LINEAR_SOLVERS = ("sgd", "lbfgs")
 class EvaluationArguments:
     """barlow-eval: which protocols, and their settings (defaults: the paper's)."""
 
-    output_dir: str | None = _shared(OutputArguments, "output_dir", help="Where eval_results.json is written (required).")
+    output_dir: str | None = _shared(
+        OutputArguments, "output_dir",
+        help="Where eval_results.json is written (required). A folder with an earlier eval_results.json is refused "
+             "unless --overwrite_output_dir.",
+    )
+    overwrite_output_dir: bool = _shared(
+        OutputArguments, "overwrite_output_dir", help="Replace the eval_results.json of an earlier evaluation."
+    )
     protocol: list[str] = field(
         default_factory=lambda: ["linear", "knn"],
         metadata={"help": "Protocols to run, one or several.", "choices": list(EVALUATION_PROTOCOLS)},
@@ -153,7 +160,16 @@ class FinetuningArguments:
     """barlow-finetune: optimisation and outputs. Defaults: the paper's fine-tuning (SGD, momentum
     0.9, cosine schedule, backbone 0.005 and head 0.5, no weight decay, batch 256, 20 epochs)."""
 
-    output_dir: str | None = _shared(OutputArguments, "output_dir")
+    output_dir: str | None = _shared(
+        OutputArguments, "output_dir",
+        help="Where the classifier, its image processor and metrics are written (required). A folder that holds an "
+             "earlier run is refused unless --overwrite_output_dir.",
+    )
+    overwrite_output_dir: bool = _shared(
+        OutputArguments, "overwrite_output_dir",
+        help="Start afresh in an --output_dir that holds an earlier run: its model and logs are removed first "
+             "(other files are kept).",
+    )
     num_train_epochs: float = _shared(PretrainingArguments, "num_train_epochs", default=20)
     per_device_train_batch_size: int = _shared(PretrainingArguments, "per_device_train_batch_size")
     learning_rate: float = field(default=0.005, metadata={"help": "Learning rate of the backbone."})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from .collective import all_processes
 from .probes import _topk_correct
 
 __all__ = [
+    "FitSummary",
     "classifier_optimizer",
     "evaluate_classifier",
     "fit_classifier",
@@ -26,6 +28,16 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------ fine-tuning a model
+@dataclass
+class FitSummary:
+    """What :func:`fit_classifier` did: optimizer steps, and the readable and unreadable images of
+    its first epoch (one pass over this process's share of the data)."""
+
+    steps: int = 0
+    readable_images: int = 0
+    skipped_images: int = 0
+
+
 def classifier_optimizer(
     model: nn.Module,
     head: nn.Module,
@@ -67,16 +79,17 @@ def fit_classifier(
     device: torch.device | str = "cpu",
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     on_epoch_end: Callable[[int, int], None] | None = None,
-) -> int:
+) -> FitSummary:
     """Train ``model`` (cross-entropy on its ``logits``) for ``total_steps`` optimizer steps over
     epochs of ``make_loader(epoch)``. Batches with fewer than 2 images are skipped (BatchNorm).
     With an ``accelerator`` (model and optimizer prepared), every process stops at the end of the
     shortest share. ``on_step(step, loss)`` (loss: a detached 0-d tensor on the device, so that no
     step waits for the accelerator; call ``.item()`` when logging) and ``on_epoch_end(epoch, step)``
     are called back.
-    Returns the number of steps done."""
+    Returns the steps done and what the first epoch read (this process's share)."""
     device = accelerator.device if accelerator is not None else torch.device(device)
     step, epoch = 0, 0
+    summary = FitSummary()
     while step < total_steps:
         model.train()
         batches = iter(make_loader(epoch))
@@ -87,6 +100,9 @@ def fit_classifier(
             has_batch, enough = all_processes(accelerator, has_batch, has_batch and batch["pixel_values"].shape[0] >= 2)
             if not has_batch:
                 break
+            if epoch == 0:
+                summary.readable_images += batch["pixel_values"].shape[0]
+                summary.skipped_images += int(batch.get("num_skipped", 0))
             if not enough:
                 continue
             pixel_values = batch["pixel_values"].to(device, non_blocking=True)
@@ -109,7 +125,8 @@ def fit_classifier(
         if not stepped:
             raise ValueError("An epoch produced no training batch of 2 or more readable images.")
         epoch += 1
-    return step
+    summary.steps = step
+    return summary
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from .collate import decode_image
 
 __all__ = [
     "DEFAULT_DATASET_NAME", "load_image_dataset", "resolve_image_column", "resolve_label_column",
-    "prepare_stream", "count_examples",
+    "prepare_stream", "count_examples", "is_local_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -180,6 +180,20 @@ def _looks_like_image(value: Any) -> bool:
     return isinstance(value, (bytes, bytearray)) and decode_image(value) is not None
 
 
+def _non_image_kind(dataset: AnyDataset, column: str) -> str | None:
+    """What a column holds when it cannot hold images (class labels, numbers), else None."""
+    feature = (dataset.features or {}).get(column)
+    if isinstance(feature, datasets.ClassLabel):
+        return "class labels"
+    if isinstance(feature, datasets.Value):
+        return None if feature.dtype in ("binary", "large_binary", "string", "large_string") else f"{feature.dtype} values"
+    if feature is None:
+        value = _peek(dataset).get(column)
+        if isinstance(value, (bool, int, float, np.number)):
+            return f"{type(value).__name__} values"
+    return None
+
+
 def resolve_image_column(dataset: AnyDataset, image_column: str | None = None) -> str:
     """The image column: ``image_column`` if given (checked), else the first ``datasets.Image``
     column (when ``features`` is unknown: the first column whose first value is an image), else a
@@ -188,6 +202,12 @@ def resolve_image_column(dataset: AnyDataset, image_column: str | None = None) -
     if image_column is not None:
         if image_column not in columns:
             raise ValueError(f"Image column {image_column!r} not found; the dataset has columns {columns}")
+        kind = _non_image_kind(dataset, image_column)
+        if kind is not None:
+            raise ValueError(
+                f"Column {image_column!r} holds {kind}, not images; the dataset has columns {columns}. "
+                "Give the column of images (or image bytes or paths) as the image column."
+            )
         return image_column
     if dataset.features is not None:
         found = [n for n, f in dataset.features.items() if isinstance(f, datasets.Image)]
@@ -277,6 +297,11 @@ def prepare_stream(
             )
         dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
     return dataset
+
+
+def is_local_source(dataset_name: str | None, train_dir: str | None) -> bool:
+    """Whether the data comes from this machine (a folder, or the bundled digits) rather than the hub."""
+    return dataset_name is None or train_dir is not None or Path(dataset_name).expanduser().exists()
 
 
 def count_examples(dataset: AnyDataset, split: str | None = None) -> int | None:

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from barlow_cli import parse_arguments
+from barlow_cli import parse_arguments, prepare_output_dir, run_command, setup_logging
 
 from .arguments import DataArguments
 from .classifier_arguments import EvaluationArguments, PretrainedModelArguments, SupervisedDataArguments
@@ -46,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 ARGUMENT_TYPES = (DataArguments, SupervisedDataArguments, PretrainedModelArguments, EvaluationArguments)
 RESULTS_FILE = "eval_results.json"
+RUN_FILES = (RESULTS_FILE,)  # an earlier evaluation in --output_dir
 
 
 def default_feature_cache_dir() -> Path:
@@ -54,14 +54,15 @@ def default_feature_cache_dir() -> Path:
     return Path(constants.HF_HOME) / "barlow_twins" / "features"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     data_args, supervised_args, model_args, eval_args = parse_arguments(ARGUMENT_TYPES, argv, description=__doc__)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    try:
-        return evaluate(data_args, supervised_args, model_args, eval_args)
-    except (ValueError, FileNotFoundError) as error:
-        # Bad input ends with its message, not a traceback.
-        sys.exit(f"barlow-eval: error: {error}")
+    setup_logging()
+
+    def run() -> None:
+        prepare_output_dir(eval_args.output_dir, RUN_FILES, overwrite=eval_args.overwrite_output_dir)
+        evaluate(data_args, supervised_args, model_args, eval_args)
+
+    run_command("barlow-eval", run)
 
 
 def evaluate(
@@ -77,7 +78,6 @@ def evaluate(
     device = accelerator.device
     set_seed(eval_args.seed)
     output_dir = Path(eval_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     # Model and data.
     model = load_pretrained(model_args.model_name_or_path, model_args.random_init, eval_args.seed)

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,12 +29,14 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from barlow_cli import parse_arguments
+import modeling_barlow
+from barlow_cli import parse_arguments, prepare_output_dir, run_command, setup_logging
 
 from .arguments import DataArguments, HubArguments
 from .classifier_arguments import FinetuningArguments, PretrainedModelArguments, SupervisedDataArguments
 from .optim import create_scheduler, warmup_steps_from_epochs
 from .classifier_training import classifier_optimizer, evaluate_classifier, fit_classifier
+from .data import is_local_source
 from .labelled_data import load_labelled_data
 from .pretrained import load_pretrained
 
@@ -43,23 +44,29 @@ from .pretrained import load_pretrained
 logger = get_logger(__name__)
 
 ARGUMENT_TYPES = (DataArguments, SupervisedDataArguments, PretrainedModelArguments, FinetuningArguments, HubArguments)
+# What a run writes into --output_dir: an earlier run is recognised (and, with --overwrite_output_dir,
+# removed) by these; the user's own files there are left alone.
+RUN_FILES = (
+    "config.json", "model.safetensors", "preprocessor_config.json", "training_args.json", "metrics.json",
+    "log_history.jsonl", "barlow_finetune", *(path.name for path in Path(modeling_barlow.__file__).parent.glob("*.py")),
+)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     data_args, supervised_args, model_args, train_args, hub_args = parse_arguments(
         ARGUMENT_TYPES, argv, description=__doc__
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    try:
+    setup_logging()
+
+    def run() -> None:
         hub_args.check_token()
-        metrics = finetune(data_args, supervised_args, model_args, train_args)
-        url = hub_args.push(train_args.output_dir, data_args.dataset_name)
+        prepare_output_dir(train_args.output_dir, RUN_FILES, overwrite=train_args.overwrite_output_dir)
+        finetune(data_args, supervised_args, model_args, train_args)
+        url = hub_args.push(train_args.output_dir)
         if url:
             logging.getLogger(__name__).info(f"Pushed the classifier and its model card to {url}")
-        return metrics
-    except (ValueError, FileNotFoundError) as error:
-        # Bad input ends with its message, not a traceback.
-        sys.exit(f"barlow-finetune: error: {error}")
+
+    run_command("barlow-finetune", run)
 
 
 def finetune(
@@ -77,8 +84,6 @@ def finetune(
         log_with=None if train_args.report_to == "none" else train_args.report_to,
         project_dir=str(output_dir),
     )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(train_args.seed)
 
     # Model: the pretrained encoder and a new head named after the dataset's classes.
@@ -119,7 +124,8 @@ def finetune(
     model, optimizer = accelerator.prepare(model, optimizer)
     run_config = {
         **asdict(data_args), **asdict(supervised_args), **asdict(model_args), **asdict(train_args),
-        "num_train_examples": num_examples, "num_classes": data.num_classes, "label_names": data.label_names,
+        "dataset_is_local": is_local_source(data_args.dataset_name, data_args.train_dir),
+        "num_examples_in_split": num_examples, "num_classes": data.num_classes, "label_names": data.label_names,
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup_steps,
         "num_processes": accelerator.num_processes,
     }
@@ -163,19 +169,22 @@ def finetune(
         logger.info(", ".join(f"{k} {v:.4g}" for k, v in entry.items()), main_process_only=True)
 
     started = time.perf_counter()
-    steps = fit_classifier(
+    fitted = fit_classifier(
         model, optimizer, scheduler, make_loader, total_steps, accelerator=accelerator, on_step=on_step,
         on_epoch_end=on_epoch_end,
     )
     progress.close()
+    # The images trained on: one pass over every process's share, unreadable files left out.
+    counts = torch.tensor([fitted.readable_images, fitted.skipped_images], device=accelerator.device)
+    readable, skipped = accelerator.reduce(counts, reduction="sum").tolist()
 
     # Save: a folder for from_pretrained and the image-classification pipeline, and the metrics.
     accelerator.wait_for_everyone()
     final = history[-1]
     metrics = {
         **{k: v for k, v in final.items() if k.startswith("eval_")},
-        "train_loss": final.get("train_loss"), "epochs": final["epoch"], "global_step": steps,
-        "num_train_examples": num_examples, "eval_split": data.eval_split,
+        "train_loss": final.get("train_loss"), "epochs": final["epoch"], "global_step": fitted.steps,
+        "num_train_examples": readable, "skipped_images": skipped, "eval_split": data.eval_split,
         "wall_time_s": round(time.perf_counter() - started, 2), "history": history,
     }
     if accelerator.is_main_process:

@@ -91,35 +91,41 @@ class KnnMonitor:
         return top1
 
 
-def _first_examples(dataset: Any, count: int) -> list[dict]:
+def _first_examples(dataset: Any, image_column: str, count: int) -> list[dict]:
     # Undecoded, like training examples: the collator decodes and skips unreadable images.
-    stream = prepare_stream(dataset, resolve_image_column(dataset), shuffle=False)
+    stream = prepare_stream(dataset, image_column, shuffle=False)
     return list(stream.take(count))
 
 
 def plot_held_out_cross_correlation(
     model: BarlowTwinsForPreTraining,
     data_args,
+    image_column: str,
     collator: Callable[[list[dict]], dict],
     to_views: Callable[[dict], tuple[torch.Tensor, torch.Tensor]],
     accelerator: Accelerator,
     path: Path,
 ) -> dict[str, float]:
     """Plot C for two augmented views of a held-out batch (the dataset's validation or test split
-    when it has one, else its first training images), the model in eval mode. `to_views` turns a
-    collated batch into the two model inputs, as in training.
+    when it has one with the training's ``image_column``, else its first training images), the
+    model in eval mode. `to_views` turns a collated batch into the two model inputs, as in training.
 
     Every process computes the same batch, so the global C equals the local one."""
     name = data_args.train_dir or data_args.dataset_name
     kwargs = {"dataset_config_name": data_args.dataset_config_name, "streaming": True, "cache_dir": data_args.cache_dir}
     held_out = None if data_args.train_dir else _load_held_out(name, **kwargs)
+    if held_out is not None:
+        try:
+            resolve_image_column(held_out[0], image_column)
+        except ValueError:  # the held-out split names its columns otherwise
+            held_out = None
     source = "held-out"
     if held_out is None:
         dataset = load_image_dataset(data_args.dataset_name, split=data_args.train_split, train_dir=data_args.train_dir, **kwargs)
         source = "training"
     else:
         dataset = held_out[0]
-    batch = collator(_first_examples(dataset, PLOT_BATCH))
+    batch = collator(_first_examples(dataset, image_column, PLOT_BATCH))
     if batch["pixel_values"].shape[0] < 2:
         logger.warning("No readable batch to plot the cross-correlation matrix.")
         return {}

@@ -3,8 +3,12 @@
     accelerate launch -m training.pretrain --dataset_name <hub id or folder> --output_dir out
     barlow-pretrain --output_dir out            # scikit-learn's digits, offline
 
-Reads top to bottom like HF's `run_*_no_trainer.py`: arguments, accelerator, model, data,
-optimizer, loop, save. Run with `--help` for every option.
+Two augmented views of each image go through the same network (a timm backbone, then the
+projector); the loss pushes the cross-correlation matrix of their embeddings to the identity.
+The output folder holds the model (`from_pretrained`, the feature-extraction pipeline), its image
+processor, metrics.json, log_history.jsonl and a plot of C; checkpoints with
+--checkpointing_steps. SIGTERM or Ctrl-C stops after the current step with a checkpoint, and
+prints the command that resumes. Exit status: 0 done, 1 failed or stopped, 2 usage error.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -27,7 +31,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from barlow_cli import parse_arguments
+import modeling_barlow
+from barlow_cli import CommandFailed, UsageError, parse_arguments, prepare_output_dir, run_command, setup_logging
 from modeling_barlow import (
     BarlowTwinsConfig,
     BarlowTwinsForPreTraining,
@@ -45,26 +50,57 @@ from .arguments import (
     parse_projector_dims,
 )
 from .augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTransform
-from .checkpointing import TrainerState, load_checkpoint, save_checkpoint, truncate_history
-from .collate import TwoViewCollator, whole_batches
-from .collective import all_processes, is_finite_later
-from .data import (
-    count_examples,
-    load_image_dataset,
-    prepare_stream,
-    resolve_image_column,
-)
+from .checkpointing import CheckpointMismatch, TrainerState, load_checkpoint, save_checkpoint, truncate_history
+from .collate import TwoViewCollator
+from .data import count_examples, is_local_source, load_image_dataset, prepare_stream, resolve_image_column
+from .epochs import TrainingBatches
+from .loop import LossWindow, NonFiniteLosses, PretrainingStep
 from .monitor import KnnMonitor, plot_held_out_cross_correlation
-from .optim import create_optimizer, create_scheduler, warmup_steps_from_epochs
+from .optim import create_optimizer, create_scheduler, plan_steps
+from .signals import StopRequests, ignore_interrupts
 
 logger = get_logger(__name__)
 
+PROG = "barlow-pretrain"
 ARGUMENT_TYPES = (DataArguments, ModelArguments, PretrainingArguments, OutputArguments, HubArguments)
-MAX_NON_FINITE_STEPS = 10
+# What a run writes into --output_dir: an earlier run is recognised (and, with
+# --overwrite_output_dir, removed) by these; the user's own files there are left alone.
+RUN_FILES = (
+    "config.json", "model.safetensors", "preprocessor_config.json", "training_args.json", "metrics.json",
+    "log_history.jsonl", "cross_correlation.png", "checkpoint-*", ".checkpoint-*.partial", "barlow_twins",
+    *(path.name for path in Path(modeling_barlow.__file__).parent.glob("*.py")),  # code copied by save_pretrained
+)
+# Options that decide the model's shapes: a checkpoint saved with others cannot be resumed.
+ARCHITECTURE_FIELDS = ("backbone", "backbone_kwargs", "small_image_stem", "projector_dims", "num_channels")
 
 
-class TrainingStopped(RuntimeError):
-    """A run that cannot go on; its message says why and what was saved."""
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    data_args, model_args, train_args, out_args, hub_args = parse_arguments(ARGUMENT_TYPES, argv, description=__doc__)
+    setup_logging()
+
+    def run() -> None:
+        hub_args.check_token()
+        prepare_output_dir(
+            out_args.output_dir, RUN_FILES, overwrite=out_args.overwrite_output_dir,
+            resume=bool(out_args.resume_from_checkpoint), resume_hint="--resume_from_checkpoint latest to continue it",
+        )
+        with compile_settings(train_args.activation_memory_budget):
+            train(data_args, model_args, train_args, out_args, argv)
+        url = hub_args.push(out_args.output_dir)
+        if url:
+            logging.getLogger(__name__).info(f"Pushed the encoder and its model card to {url}")
+
+    run_command(PROG, run)
+
+
+def compile_settings(activation_memory_budget: float | None = None) -> contextlib.AbstractContextManager:
+    """torch.compile settings for the run, read when the model compiles (at its first steps)."""
+    if activation_memory_budget is None:
+        return contextlib.nullcontext()
+    import torch._functorch.config as functorch_config  # the budget is a prototype: no public name yet
+
+    return functorch_config.patch(activation_memory_budget=activation_memory_budget)
 
 
 def build_model(model_args: ModelArguments) -> BarlowTwinsForPreTraining:
@@ -82,71 +118,61 @@ def build_model(model_args: ModelArguments) -> BarlowTwinsForPreTraining:
     return BarlowTwinsForPreTraining(config)
 
 
-def plan_steps(num_examples: int | None, data_args, train_args, num_processes: int) -> tuple[int | None, int, int]:
-    """(optimizer steps per epoch or None when unknown, total steps, warm-up steps)."""
-    micro_batch = train_args.per_device_train_batch_size
-    steps_per_epoch = None
-    if num_examples is not None:
-        if data_args.max_train_samples:
-            num_examples = min(num_examples, data_args.max_train_samples)
-        steps_per_epoch = num_examples // num_processes // micro_batch // train_args.gradient_accumulation_steps
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"{num_examples} training examples make no full step of {micro_batch} x {num_processes} processes x "
-                f"{train_args.gradient_accumulation_steps} accumulation steps; lower --per_device_train_batch_size."
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run from its latest checkpoint."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name == "--resume_from_checkpoint":
+            skip = "=" not in arg
+            continue
+        if name == "--overwrite_output_dir":  # it would delete the checkpoint to resume from
+            continue
+        kept.append(arg)
+    prog = PROG if Path(sys.argv[0]).name == PROG else "python -m training.pretrain"
+    launcher = "accelerate launch [your launch options] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    if launcher and prog == PROG:
+        prog = "-m training.pretrain"
+    return f"{launcher}{prog} {shlex.join([*kept, '--resume_from_checkpoint', 'latest'])}"
+
+
+def _same_architecture(config: BarlowTwinsConfig):
+    """A check that a checkpoint was saved by a model of this config's shapes."""
+
+    def check(folder: Path) -> None:
+        saved_file = folder / "config.json"
+        if not saved_file.is_file():
+            return  # an older checkpoint without its config: load_state reports shape mismatches
+        saved = json.loads(saved_file.read_text())
+        differences = [
+            f"{name} {saved.get(name)!r} there, {getattr(config, name)!r} here"
+            for name in ARCHITECTURE_FIELDS
+            if saved.get(name) != getattr(config, name)
+        ]
+        if differences:
+            raise CheckpointMismatch(
+                f"{folder} was saved by another model ({'; '.join(differences)}). Resume with the options it was "
+                "trained with, or start a new run in another --output_dir."
             )
-    if train_args.max_train_steps:
-        total = train_args.max_train_steps
-    elif steps_per_epoch is not None:
-        total = math.ceil(train_args.num_train_epochs * steps_per_epoch)
-    else:
-        raise ValueError("The dataset does not say how many examples it has: pass --max_train_steps.")
-    if train_args.warmup_steps is not None:
-        warmup = train_args.warmup_steps
-    elif steps_per_epoch is not None:
-        warmup = warmup_steps_from_epochs(train_args.warmup_epochs, steps_per_epoch)
-    else:
-        raise ValueError("The dataset does not say how many examples it has: pass --warmup_steps.")
-    if warmup > total:
-        logger.warning(f"Warm-up of {warmup} steps is longer than the run ({total}); warming up over the whole run.")
-        warmup = total
-    return steps_per_epoch, total, warmup
+
+    return check
 
 
 def _launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _is_local(data_args: DataArguments) -> bool:
-    return data_args.dataset_name is None or data_args.train_dir is not None or Path(data_args.dataset_name).exists()
-
-
-def main(argv: list[str] | None = None) -> dict:
-    data_args, model_args, train_args, out_args, hub_args = parse_arguments(ARGUMENT_TYPES, argv, description=__doc__)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    try:
-        hub_args.check_token()
-        with compile_settings(train_args.activation_memory_budget):
-            metrics = train(data_args, model_args, train_args, out_args)
-        url = hub_args.push(out_args.output_dir, data_args.dataset_name)
-        if url:
-            logging.getLogger(__name__).info(f"Pushed the encoder and its model card to {url}")
-        return metrics
-    except (ValueError, FileNotFoundError, TrainingStopped) as error:
-        # Bad input and stopped runs end with their message, not a traceback.
-        sys.exit(f"barlow-pretrain: error: {error}")
-
-
-def compile_settings(activation_memory_budget: float | None = None) -> contextlib.AbstractContextManager:
-    """torch.compile settings for the run, read when the model compiles (at its first steps)."""
-    if activation_memory_budget is None:
-        return contextlib.nullcontext()
-    import torch._functorch.config as functorch_config  # the budget is a prototype: no public name yet
-
-    return functorch_config.patch(activation_memory_budget=activation_memory_budget)
-
-
-def train(data_args: DataArguments, model_args: ModelArguments, train_args: PretrainingArguments, out_args: OutputArguments) -> dict:
+def train(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    train_args: PretrainingArguments,
+    out_args: OutputArguments,
+    argv: list[str] | None = None,
+) -> dict:
+    """Pretrain, save the model and metrics into ``out_args.output_dir``; returns the metrics."""
     output_dir = Path(out_args.output_dir)
     accelerator = Accelerator(
         # Without a GPU, accelerate only takes several launched processes as one job (gloo) when told so.
@@ -157,8 +183,6 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         project_dir=str(output_dir),
         dynamo_backend="inductor" if train_args.torch_compile else None,
     )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(train_args.seed)
 
     # Model: BatchNorm statistics are global across processes, as the loss's are.
@@ -182,7 +206,10 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         data_args.dataset_name, data_args.dataset_config_name, data_args.train_split,
         data_args.train_dir, data_args.streaming, data_args.cache_dir,
     )
-    image_column = resolve_image_column(dataset, data_args.image_column)
+    try:
+        image_column = resolve_image_column(dataset, data_args.image_column)
+    except ValueError as error:  # the fix is an option: --image_column
+        raise UsageError(str(error)) from None
     stream = prepare_stream(
         dataset, image_column, seed=train_args.seed, shuffle_buffer_size=data_args.shuffle_buffer_size,
         process_index=accelerator.process_index, num_processes=accelerator.num_processes,
@@ -190,6 +217,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
     )
     interpolation = v2.InterpolationMode(config.interpolation)
     view_params = train_args.view_params()
+    device_augment = None
     if train_args.augment_on_device:
         transform = TwoViewCropTransform(config.image_size, config.num_channels, interpolation, view_params)
         device_augment = TwoViewBatchAugmentation(config.image_mean, config.image_std, view_params).to(accelerator.device)
@@ -197,7 +225,6 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         transform = TwoViewTransform(
             config.image_size, config.image_mean, config.image_std, config.num_channels, interpolation, view_params
         )
-        device_augment = None
     collator = TwoViewCollator(transform, image_column, config.num_channels)
 
     def to_views(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,13 +236,37 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
                 view_1, view_2 = device_augment(view_1, view_2)
         return view_1.contiguous(memory_format=memory_format), view_2.contiguous(memory_format=memory_format)
 
+    def make_loader(epoch_stream, persistent: bool) -> DataLoader:
+        return DataLoader(
+            epoch_stream, batch_size=train_args.per_device_train_batch_size, collate_fn=collator,
+            # Short batches are kept and merged by whole_batches: each worker ends an epoch with one.
+            num_workers=data_args.dataloader_num_workers, drop_last=False, persistent_workers=persistent,
+            pin_memory=accelerator.device.type == "cuda",  # lets to_views copy without blocking
+            worker_init_fn=ignore_interrupts,
+            # Its own generator: creating the loader must not draw from the global RNG, or a resumed
+            # run's augmentations would differ from an uninterrupted one's.
+            generator=torch.Generator().manual_seed(train_args.seed + state.epoch),
+        )
+
+    # The schedule: epochs are resolved whenever the size can be known.
+    local_data = is_local_source(data_args.dataset_name, data_args.train_dir)
     num_examples = count_examples(dataset, data_args.train_split)
-    if num_examples is None and not train_args.max_train_steps and _is_local(data_args):
+    if num_examples is None and local_data:
         # Local files that record no size (parquet, imagefolder streams): one pass of undecoded reads.
         logger.info("Counting the training examples (the dataset records no size)...", main_process_only=True)
         num_examples = sum(1 for _ in prepare_stream(dataset, image_column, shuffle=False))
-    steps_per_epoch, total_steps, warmup_steps = plan_steps(num_examples, data_args, train_args, accelerator.num_processes)
-    global_batch = train_args.per_device_train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps
+    if num_examples is not None and data_args.max_train_samples:
+        num_examples = min(num_examples, data_args.max_train_samples)
+    per_process_batch = train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps
+    global_batch = per_process_batch * accelerator.num_processes
+    plan = plan_steps(
+        num_examples, global_batch, num_train_epochs=train_args.num_train_epochs,
+        max_train_steps=train_args.max_train_steps, warmup_steps=train_args.warmup_steps,
+        warmup_ratio=train_args.warmup_ratio, warmup_epochs=train_args.warmup_epochs,
+    )
+    if plan.warmup_steps == plan.total_steps and plan.total_steps > 1:
+        logger.warning(f"The warm-up ({plan.warmup_source}) is as long as the run ({plan.total_steps} steps): the "
+                       "learning rate never reaches its cosine decay.", main_process_only=True)
 
     optimizer = create_optimizer(
         model, train_args.optimizer, train_args.learning_rate_weights, train_args.learning_rate_biases,
@@ -223,7 +274,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         trust_clip=train_args.lars_trust_clip,
     )
     # Stepped once per optimizer step by us: accelerate's wrapper would step it once per process.
-    scheduler = create_scheduler(optimizer, total_steps, warmup_steps)
+    scheduler = create_scheduler(optimizer, plan.total_steps, plan.warmup_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
@@ -232,7 +283,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
     if accelerator.is_main_process and not out_args.resume_from_checkpoint:
         (output_dir / "log_history.jsonl").unlink(missing_ok=True)
     if out_args.resume_from_checkpoint:
-        path, state = load_checkpoint(accelerator, out_args.resume_from_checkpoint, output_dir)
+        path, state = load_checkpoint(accelerator, out_args.resume_from_checkpoint, output_dir, _same_architecture(config))
         if accelerator.is_main_process:
             metrics = truncate_history(output_dir / "log_history.jsonl", state.global_step)
         logger.info(f"Resumed from {path} at step {state.global_step} (epoch {state.epoch}).", main_process_only=True)
@@ -240,40 +291,17 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
     knn = KnnMonitor.create(out_args, config, accelerator) if out_args.knn_eval_dataset else None
     run_config = {
         **asdict(data_args), **asdict(model_args), **asdict(train_args), **asdict(out_args),
-        "global_batch_size": global_batch, "total_steps": total_steps, "warmup_steps": warmup_steps,
-        "steps_per_epoch": steps_per_epoch, "num_processes": accelerator.num_processes,
+        # The model card names a hub dataset only when the data came from the hub.
+        "dataset_is_local": local_data,
+        "global_batch_size": global_batch, "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
+        "steps_per_epoch": plan.steps_per_epoch, "num_processes": accelerator.num_processes,
     }
     accelerator.init_trackers("barlow_twins", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))})
     logger.info(
-        f"Training {config.backbone} for {total_steps} steps (global batch {global_batch}, "
-        f"{steps_per_epoch or 'unknown'} steps per epoch, {accelerator.num_processes} processes).",
-        main_process_only=True,
+        f"Training {config.backbone} for {plan.total_steps} steps (global batch {global_batch}, "
+        f"{plan.steps_per_epoch or 'unknown'} steps per epoch, {accelerator.num_processes} processes); warm-up "
+        f"{plan.warmup_steps} steps ({plan.warmup_source}).", main_process_only=True,
     )
-
-    def make_loader(epoch_stream, persistent: bool) -> DataLoader:
-        return DataLoader(
-            epoch_stream, batch_size=train_args.per_device_train_batch_size, collate_fn=collator,
-            # Short batches are kept and merged by whole_batches: each worker ends an epoch with one.
-            num_workers=data_args.dataloader_num_workers, drop_last=False,
-            # Workers live for the whole run rather than restarting every epoch: datasets shares
-            # set_epoch with them, so each epoch is still reshuffled.
-            persistent_workers=persistent,
-            pin_memory=accelerator.device.type == "cuda",  # lets to_views copy without blocking
-            # Its own generator: creating the loader must not draw from the global RNG, or a resumed
-            # run's augmentations would differ from an uninterrupted one's.
-            generator=torch.Generator().manual_seed(train_args.seed + state.epoch),
-        )
-
-    epoch_loader = None
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process, desc="pretraining")
-    window = {"loss": 0.0, "on": 0.0, "off": 0.0, "steps": 0, "wait": 0.0, "start": time.perf_counter()}
-    non_finite_in_a_row = 0
-    started = time.perf_counter()
-    resumed_wall_time = state.wall_time_s
-
-    def checkpoint() -> Path:
-        state.wall_time_s = round(resumed_wall_time + time.perf_counter() - started, 2)
-        return save_checkpoint(accelerator, output_dir, state, save_extra=save_loadable_config)
 
     def save_loadable_config(folder: Path) -> None:
         # The checkpoint's model.safetensors has the model's own keys: with the config and image
@@ -281,140 +309,99 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         config.save_pretrained(folder)
         create_image_processor(config).save_pretrained(folder)
 
+    started, resumed_wall_time = time.perf_counter(), state.wall_time_s
+
+    def checkpoint() -> Path:
+        state.wall_time_s = round(resumed_wall_time + time.perf_counter() - started, 2)
+        return save_checkpoint(accelerator, output_dir, state, save_extra=save_loadable_config,
+                               save_total_limit=out_args.save_total_limit)
+
+    # The loop: batches (agreed across processes), the step, logging, checkpoints, monitors.
+    step = PretrainingStep(model, optimizer, accelerator)
+    window = LossWindow(config.projector_dims[-1], global_batch, train_args.gradient_accumulation_steps)
+    progress = tqdm(total=plan.total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
+                    desc="pretraining")
     model.train()
-
-    while state.global_step < total_steps:
-        # An epoch is one pass over this process's shard; resuming skips what was consumed.
-        stream.set_epoch(state.epoch)
-        resumed_mid_epoch = state.examples_in_epoch > 0
-        if resumed_mid_epoch:  # a one-off loader over the rest of the epoch
-            rest = stream.skip(state.examples_in_epoch)
-            rest.set_epoch(state.epoch)  # skip() starts its copy at epoch 0
-            loader = make_loader(rest, persistent=False)
-        else:
-            if epoch_loader is None:
-                epoch_loader = make_loader(stream, persistent=data_args.dataloader_num_workers > 0)
-            loader = epoch_loader
-        batches = whole_batches(loader, train_args.per_device_train_batch_size)
-        batches_this_epoch = 0
-        while state.global_step < total_steps:
-            wait_start = time.perf_counter()
-            batch = next(batches, None)
-            window["wait"] += time.perf_counter() - wait_start
-            has_batch = batch is not None
-            has_batch, enough = all_processes(accelerator, has_batch, has_batch and batch["pixel_values"].shape[0] >= 2)
-            if not has_batch:
-                break
-            state.examples_in_epoch += train_args.per_device_train_batch_size
-            batches_this_epoch += 1
-            state.skipped_images += int(batch["num_skipped"])
-            if not enough:
-                logger.warning("Skipping a batch with fewer than two readable images.")
-                continue
-            view_1, view_2 = to_views(batch)
-
-            with accelerator.accumulate(model):
-                out = model(pixel_values=view_1, pixel_values_2=view_2)
-                loss_is_finite = is_finite_later(out.loss)
-                accelerator.backward(out.loss)
-                # Checked once the backward pass is queued (see is_finite_later). The loss is
-                # global, so every process takes the same branch here.
-                if not loss_is_finite():
-                    non_finite_in_a_row += 1
-                    # Drop the gradients, now non-finite (with those of earlier accumulation steps,
-                    # summed into them): model, not optimizer, whose zero_grad accelerate skips
-                    # between accumulation steps.
-                    model.zero_grad(set_to_none=True)
-                    logger.warning(f"Non-finite loss at step {state.global_step}; step skipped ({non_finite_in_a_row} in a row).")
-                    if non_finite_in_a_row >= MAX_NON_FINITE_STEPS:
-                        saved = checkpoint()
-                        progress.close()
-                        raise TrainingStopped(
-                            f"{non_finite_in_a_row} non-finite losses in a row at step {state.global_step}; "
-                            f"saved {saved}. Lower the learning rates or use --mixed_precision no."
-                        )
+    with StopRequests() as stop:
+        batches = TrainingBatches(
+            stream, make_loader, train_args.per_device_train_batch_size, accelerator, state, stop,
+            accumulation_steps=train_args.gradient_accumulation_steps,
+            persistent_workers=data_args.dataloader_num_workers > 0,
+            on_epoch_end=checkpoint if out_args.checkpointing_steps == "epoch" else None,
+        )
+        try:
+            for batch in batches if state.global_step < plan.total_steps else ():
+                out = step(*to_views(batch), state.global_step)
+                if out is None:
                     continue
-                non_finite_in_a_row = 0
-                optimizer.step()
-                optimizer.zero_grad()
-
-            # Tensors, read at logging time: an .item() per step would wait for the device each step.
-            window["loss"] += out.loss.detach()
-            window["on"] += out.on_diagonal_loss.detach()
-            window["off"] += out.off_diagonal_loss.detach()
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            state.global_step += 1
-            window["steps"] += 1
-            progress.update(1)
-
-            if state.global_step % out_args.logging_steps == 0 or state.global_step == total_steps:
-                metrics = _log_window(accelerator, window, scheduler, state, global_batch, train_args, progress)
-                if accelerator.is_main_process:  # the whole history, for plots and comparisons
-                    with open(output_dir / "log_history.jsonl", "a") as history:
-                        history.write(json.dumps({"step": state.global_step, **metrics}) + "\n")
-            if out_args.checkpointing_steps and out_args.checkpointing_steps != "epoch":
-                if state.global_step % int(out_args.checkpointing_steps) == 0:
+                window.add(out)
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                state.global_step += 1
+                window.steps += 1
+                progress.update(1)
+                if state.global_step % out_args.logging_steps == 0 or state.global_step == plan.total_steps:
+                    metrics = _log(accelerator, window.read(batches.wait_seconds, scheduler.get_last_lr()), state,
+                                   output_dir, progress)
+                if out_args.checkpointing_steps not in (None, "epoch") and state.global_step % int(out_args.checkpointing_steps) == 0:
                     checkpoint()
-            if knn is not None and out_args.knn_eval_steps and state.global_step % out_args.knn_eval_steps == 0:
-                metrics["knn_top1"] = knn.evaluate(accelerator.unwrap_model(model).barlow_twins, state.global_step)
-        else:
-            break  # total_steps reached in the middle of an epoch
-        # A checkpoint saved after an epoch's last batch leaves nothing of that epoch to read.
-        if batches_this_epoch == 0 and not resumed_mid_epoch:
-            raise TrainingStopped(f"Epoch {state.epoch} gave no batch of {train_args.per_device_train_batch_size} images.")
-        state.epoch += 1
-        state.examples_in_epoch = 0
-        if out_args.checkpointing_steps == "epoch":
-            checkpoint()
+                if knn is not None and out_args.knn_eval_steps and state.global_step % out_args.knn_eval_steps == 0:
+                    metrics["knn_top1"] = knn.evaluate(accelerator.unwrap_model(model).barlow_twins, state.global_step)
+                if state.global_step >= plan.total_steps:
+                    break
+        except NonFiniteLosses as error:
+            progress.close()
+            raise CommandFailed(f"{error}; saved {checkpoint()}. Lower the learning rates or use --mixed_precision no.") from None
     progress.close()
+    if batches.stopped_by:
+        saved = checkpoint()
+        print(f"Stopped by {batches.stopped_by} at step {state.global_step}. To resume:\n  {resume_command(argv or [])}",
+              file=sys.stderr, flush=True)
+        raise CommandFailed(f"stopped by {batches.stopped_by} at step {state.global_step}; saved {saved}.")
 
-    # Outputs: the model folder with its processor, arguments, metrics and the C plot.
+    # Outputs: the model folder first, so that nothing after it can lose the trained model.
     wall_time = time.perf_counter() - started
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    if knn is not None:
-        metrics["knn_top1"] = knn.evaluate(unwrapped.barlow_twins, state.global_step)
-    plot_held_out_cross_correlation(unwrapped, data_args, collator, to_views, accelerator, output_dir / "cross_correlation.png")
     if out_args.checkpointing_steps:
         checkpoint()
-    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     metrics.update(
         global_step=state.global_step, skipped_images=state.skipped_images,
-        epochs=state.global_step / steps_per_epoch if steps_per_epoch else state.epoch,
+        epochs=state.global_step / plan.steps_per_epoch if plan.steps_per_epoch else state.epoch,
         wall_time_s=round(wall_time, 2),
         # With --resume_from_checkpoint, wall_time_s is this run's part and this the whole training's.
         total_wall_time_s=round(resumed_wall_time + wall_time, 2),
     )
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir)
         create_image_processor(unwrapped.config).save_pretrained(output_dir)
         (output_dir / "training_args.json").write_text(json.dumps(run_config, indent=2, default=str))
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if knn is not None:
+        metrics["knn_top1"] = knn.evaluate(unwrapped.barlow_twins, state.global_step)
+    try:
+        plot_held_out_cross_correlation(unwrapped, data_args, image_column, collator, to_views, accelerator,
+                                        output_dir / "cross_correlation.png")
+    except (ValueError, OSError) as error:  # a picture is not worth losing the run over
+        logger.warning(f"No cross-correlation plot: {error}")
+    if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         logger.info(f"Saved the model, metrics and cross_correlation.png to {output_dir}.", main_process_only=True)
     accelerator.end_training()
     return metrics
 
 
-def _log_window(accelerator, window, scheduler, state, global_batch, train_args, progress) -> dict:
-    steps = max(window["steps"], 1)
-    micro_steps = steps * train_args.gradient_accumulation_steps
-    elapsed = time.perf_counter() - window["start"]
-    metrics = {
-        "train_loss": float(window["loss"]) / micro_steps,
-        "on_diagonal_loss": float(window["on"]) / micro_steps,
-        "off_diagonal_loss": float(window["off"]) / micro_steps,
-        "lr_weights": scheduler.get_last_lr()[0],
-        "lr_biases": scheduler.get_last_lr()[1],
-        "images_per_second": global_batch * steps / elapsed,
-        "data_wait_fraction": window["wait"] / elapsed,
-        "skipped_images": state.skipped_images,
-        "epoch": state.epoch,
-    }
+def _log(accelerator: Accelerator, metrics: dict, state: TrainerState, output_dir: Path, progress) -> dict:
+    metrics.update(skipped_images=state.skipped_images, epoch=state.epoch)
     accelerator.log(metrics, step=state.global_step)
-    progress.set_postfix(loss=f"{metrics['train_loss']:.1f}", img_s=f"{metrics['images_per_second']:.0f}")
-    logger.info(f"step {state.global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), main_process_only=True)
-    window.update(loss=0.0, on=0.0, off=0.0, steps=0, wait=0.0, start=time.perf_counter())
+    progress.set_postfix(loss=f"{metrics['train_loss']:.1f}", c_diag=f"{metrics['c_diagonal_mean']:.2f}",
+                         img_s=f"{metrics['images_per_second']:.0f}")
+    logger.info(f"step {state.global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                main_process_only=True)
+    if accelerator.is_main_process:  # the whole history, for plots and comparisons
+        with open(output_dir / "log_history.jsonl", "a") as history:
+            history.write(json.dumps({"step": state.global_step, **metrics}) + "\n")
     return metrics
 
 

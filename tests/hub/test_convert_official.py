@@ -106,10 +106,11 @@ def test_backbone_file_becomes_a_timm_encoder_equal_to_torchvision(checkpoints, 
 def test_full_checkpoint_keeps_the_projector_and_drops_the_final_batchnorm(
     checkpoints, authors_model, images, tmp_path, capsys
 ):
-    result = convert_module.main(
+    assert None is convert_module.main(
         ["--checkpoint", str(checkpoints / "checkpoint.pth"), "--output_dir", str(tmp_path / "out")]
     )
-    assert (result.encoder_format, result.pretraining_subfolder) == ("timm", "pretraining")
+    # The timm-format encoder at the root, the full model (projector included) below it.
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architecture"] == "resnet50"
     model = BarlowTwinsForPreTraining.from_pretrained(tmp_path / "out" / "pretraining").eval()
     assert model.config.projector_dims == [D, D, D] and model.config.backbone == "resnet50"
     network = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
@@ -147,7 +148,8 @@ def test_files_that_need_arbitrary_unpickling_are_refused(tmp_path, capsys):
     torch.save({"model": Payload(marker)}, tmp_path / "evil.pth")
     with pytest.raises(SystemExit) as exit_info:
         convert_module.main(["--checkpoint", str(tmp_path / "evil.pth"), "--output_dir", str(tmp_path / "out")])
-    message = str(exit_info.value.code)
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 1
     assert message.startswith("barlow-convert: error: Refusing") and "weights-only" in message
     assert not marker.exists() and not (tmp_path / "out").exists()
 

@@ -12,7 +12,10 @@ from transformers import AutoModel
 
 import modeling_barlow.modeling_barlow_twins as modeling
 from tests.training.pretraining_inputs import TINY, history
+from tests.cli import returning
 from training.pretrain import main
+
+pretrain = returning(main, "metrics.json")
 
 
 # 96 examples in batches of 16: 6 steps per epoch. Step 3 is mid-epoch; step 6 is the epoch's last
@@ -27,7 +30,7 @@ def test_resume_continues_with_the_same_losses(tmp_path, parquet_folder, saved_a
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / f"checkpoint-{saved_at}", resumed / f"checkpoint-{saved_at}")
-    metrics = main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    metrics = pretrain([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
     expected = {h["step"]: h["train_loss"] for h in history(full)}
     got = {h["step"]: h["train_loss"] for h in history(resumed)}
     assert sorted(got) == list(range(saved_at + 1, total + 1))
@@ -91,9 +94,9 @@ def test_resume_at_the_last_step_keeps_the_final_metrics(tmp_path, parquet_folde
     # not replace the losses in metrics.json with nothing.
     common = ["--dataset_name", str(parquet_folder), "--max_train_steps", "4", "--checkpointing_steps", "2", *TINY]
     out = tmp_path / "run"
-    first = main([*common, "--output_dir", str(out)])
+    first = pretrain([*common, "--output_dir", str(out)])
     last_logged = history(out)[-1]
-    again = main([*common, "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    again = pretrain([*common, "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
     assert [h["step"] for h in history(out)] == [1, 2, 3, 4]
     assert again["global_step"] == 4 and again["train_loss"] == last_logged["train_loss"] == first["train_loss"]
     assert json.loads((out / "metrics.json").read_text())["train_loss"] == last_logged["train_loss"]

@@ -19,14 +19,18 @@ from transformers import AutoImageProcessor, pipeline
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsModel, create_image_processor
 from training.data import load_image_dataset
-from training.evaluate import main as evaluate
+from tests.cli import returning
+from training.evaluate import main as evaluate_main
 from training.features import knn_topk_accuracy, linear_probe_top1
-from training.finetune import main as finetune
-from training.pretrain import main as pretrain
+from training.finetune import main as finetune_main
+from training.pretrain import main as pretrain_main
 from training.classifier_training import classifier_optimizer
 from training.labelled_data import class_balanced_subset, fraction_name
 from training.probes import exact_linear_probe, linear_head, sgd_linear_probe, topk_accuracy
 
+evaluate = returning(evaluate_main, "eval_results.json")
+finetune = returning(finetune_main, "metrics.json")
+pretrain = returning(pretrain_main, "metrics.json")
 
 TINY = {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 16, 32]}, "small_image_stem": True, "image_size": 16}
 PRETRAIN = [
@@ -151,7 +155,8 @@ def test_linear_protocol_with_training_augmentations(tmp_path, pretrained):
 def test_features_are_cached_by_model_data_and_split(tmp_path, random_encoder, monkeypatch):
     cache = tmp_path / "cache"
     common = ["--model_name_or_path", str(random_encoder), "--protocol", "knn", "--max_train_samples", "100",
-              "--max_eval_samples", "50", "--feature_cache_dir", str(cache), "--output_dir", str(tmp_path / "out")]
+              "--max_eval_samples", "50", "--feature_cache_dir", str(cache), "--output_dir", str(tmp_path / "out"),
+              "--overwrite_output_dir"]
     first = evaluate(common)
     assert first["feature_cache_hits"] == {"train": False, "eval": False}
     assert len(list(cache.glob("*.pt"))) == 2
@@ -201,12 +206,13 @@ def parquet_without_class_label(tmp_path) -> Path:
     return root
 
 
-def test_plain_integer_label_column(tmp_path, random_encoder, parquet_without_class_label):
+def test_plain_integer_label_column(tmp_path, random_encoder, parquet_without_class_label, capsys):
     common = ["--model_name_or_path", str(random_encoder), "--dataset_name", str(parquet_without_class_label),
-              "--protocol", "knn", "--output_dir", str(tmp_path / "out"), "--no_cache_features"]
+              "--protocol", "knn", "--output_dir", str(tmp_path / "out"), "--no_cache_features", "--overwrite_output_dir"]
     with pytest.raises(SystemExit) as error:
         evaluate(common)
-    assert "No label column" in str(error.value.code) and "['img', 'digit', 'word']" in str(error.value.code)
+    message = capsys.readouterr().err
+    assert error.value.code == 1 and "No label column" in message and "['img', 'digit', 'word']" in message
     results = evaluate([*common, "--label_column", "digit"])
     assert results["num_classes"] == 10 and results["eval_split"] == "test"
     assert results["num_train_examples"] == 60 and results["num_eval_examples"] == 30
@@ -244,7 +250,7 @@ def _mismatched_weights(tmp_path: Path, random_encoder: Path) -> Path:
         ("unknown_eval_split", "Cannot load the evaluation split 'dev'"),
     ],
 )
-def test_bad_input_ends_with_a_message(tmp_path, random_encoder, case, message):
+def test_bad_input_ends_with_a_message(tmp_path, random_encoder, case, message, capsys):
     model, extra = str(random_encoder), []
     if case == "missing_folder":
         model = str(tmp_path / "no" / "such" / "folder")
@@ -262,8 +268,9 @@ def test_bad_input_ends_with_a_message(tmp_path, random_encoder, case, message):
         extra = ["--eval_split", "dev"]
     with pytest.raises(SystemExit) as error:
         evaluate(["--model_name_or_path", model, "--output_dir", str(tmp_path / "out"), "--no_cache_features", *extra])
-    assert str(error.value.code).startswith("barlow-eval: error:")
-    assert message in str(error.value.code)
+    err = capsys.readouterr().err
+    assert error.value.code == 1 and err.strip().splitlines()[-1].startswith("barlow-eval: error:") and "Traceback" not in err
+    assert message in err
 
 
 def test_unknown_protocol_is_a_usage_error(tmp_path, capsys):

@@ -15,7 +15,10 @@ from sklearn.datasets import load_digits
 from transformers import AutoModelForImageClassification, pipeline
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsModel, create_image_processor
-from training.finetune import main as finetune
+from tests.cli import returning
+from training.finetune import main
+
+finetune = returning(main, "metrics.json")
 
 
 TINY = {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 16, 32]}, "small_image_stem": True, "image_size": 16}
@@ -100,14 +103,17 @@ def test_frozen_backbone_trains_only_the_head(tmp_path, encoder, named_imagefold
     assert not torch.allclose(frozen["classifier.weight"], full["classifier.weight"])
 
 
-def test_bad_input_ends_with_a_message(tmp_path, encoder, named_imagefolder):
+def test_bad_input_ends_with_a_message(tmp_path, encoder, named_imagefolder, capsys):
     with pytest.raises(SystemExit) as error:
         finetune(["--model_name_or_path", str(encoder), "--dataset_name", str(named_imagefolder),
                   "--output_dir", str(tmp_path / "out"), "--label_column", "digit"])
-    assert "Label column 'digit' not found; the dataset has columns ['image', 'label']" in str(error.value.code)
+    err = capsys.readouterr().err
+    assert error.value.code == 1
+    assert "Label column 'digit' not found; the dataset has columns ['image', 'label']" in err
     with pytest.raises(SystemExit) as error:
         finetune(["--model_name_or_path", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "out")])
-    assert str(error.value.code).startswith("barlow-finetune: error:") and "does not exist" in str(error.value.code)
+    err = capsys.readouterr().err
+    assert error.value.code == 1 and err.strip().splitlines()[-1].startswith("barlow-finetune: error:") and "does not exist" in err
 
 
 def test_help_documents_the_options(capsys):

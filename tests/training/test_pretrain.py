@@ -19,12 +19,15 @@ from transformers import AutoModel
 
 import modeling_barlow.modeling_barlow_twins as modeling
 from tests.training.pretraining_inputs import TINY, digit_images, history
+from tests.cli import returning
 from training.pretrain import main
+
+pretrain = returning(main, "metrics.json")
 
 
 def test_imagefolder_stream_end_to_end(tmp_path, imagefolder):
     out = tmp_path / "run"
-    metrics = main(["--train_dir", str(imagefolder), "--output_dir", str(out), "--max_train_steps", "3",
+    metrics = pretrain(["--train_dir", str(imagefolder), "--output_dir", str(out), "--max_train_steps", "3",
                     "--knn_eval_dataset", "default", "--knn_eval_steps", "2", *TINY])
     assert metrics["global_step"] == 3
     assert 0.1 < metrics["knn_top1"] <= 1.0  # the monitor ran on the digits' held-out split
@@ -42,21 +45,22 @@ def test_imagefolder_stream_end_to_end(tmp_path, imagefolder):
 
 def test_parquet_stream_with_named_column(tmp_path, parquet_folder):
     out = tmp_path / "run"
-    metrics = main(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--num_train_epochs", "2", *TINY])
+    metrics = pretrain(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--num_train_epochs", "2", *TINY])
     # 96 examples, batch 16: 6 steps per epoch, and epochs over a stream are well defined.
     assert metrics["global_step"] == 12 and metrics["epochs"] == 2
     assert json.loads((out / "training_args.json").read_text())["steps_per_epoch"] == 6
 
 
-def test_data_smaller_than_a_batch_stops_with_a_message(tmp_path, imagefolder):
-    # 48 files never fill a batch of 64. With --max_train_steps nothing counts the files up front, so
-    # the loop must notice, or it would wait forever for a first step.
-    with pytest.raises(SystemExit, match="Epoch 0 gave no batch of 64 images"):
+def test_data_smaller_than_a_batch_stops_with_a_message(tmp_path, imagefolder, capsys):
+    # 48 files never fill a batch of 64. Local files are counted up front (also with --max_train_steps,
+    # to resolve the warm-up), so the run stops before it starts.
+    with pytest.raises(SystemExit) as stopped:
         main(["--train_dir", str(imagefolder), "--output_dir", str(tmp_path / "run"), "--max_train_steps", "2",
               *TINY, "--per_device_train_batch_size", "64"])
+    assert stopped.value.code == 1 and "48 training examples make no full step of 64 images" in capsys.readouterr().err
 
 
-def test_non_finite_losses_stop_with_a_checkpoint(tmp_path, parquet_folder, monkeypatch):
+def test_non_finite_losses_stop_with_a_checkpoint(tmp_path, parquet_folder, monkeypatch, capsys):
     real_loss = modeling.barlow_twins_loss
 
     def nan_loss(*args, **kwargs):
@@ -68,7 +72,7 @@ def test_non_finite_losses_stop_with_a_checkpoint(tmp_path, parquet_folder, monk
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stopped:
         main(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "20", *TINY])
-    assert "10 non-finite losses in a row" in str(stopped.value.code)
+    assert stopped.value.code == 1 and "10 non-finite losses in a row" in capsys.readouterr().err
     assert (out / "checkpoint-0" / "trainer_state.json").is_file()
 
 
@@ -90,7 +94,7 @@ def test_one_non_finite_loss_is_skipped_without_poisoning_the_weights(tmp_path, 
 
     monkeypatch.setattr(modeling, "barlow_twins_loss", first_loss_nan)
     out = tmp_path / "run"
-    metrics = main(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "2",
+    metrics = pretrain(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "2",
                     "--gradient_accumulation_steps", accumulation, "--logging_steps", "1", *TINY])
     # Without accumulation the skipped step is made up; with it, accelerate counts the skipped
     # micro-step in its window (the first optimizer step averages one micro-batch, not two).
@@ -214,7 +218,7 @@ def test_hub_dataset_id_streams_from_the_local_cache_offline(tmp_path, monkeypat
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     out = tmp_path / "run"
-    metrics = main(["--dataset_name", "barlow-test/tiny-digits", "--output_dir", str(out), "--num_train_epochs", "1", *TINY])
+    metrics = pretrain(["--dataset_name", "barlow-test/tiny-digits", "--output_dir", str(out), "--num_train_epochs", "1", *TINY])
     assert metrics["global_step"] == 2  # 40 examples, batch 16; the size comes from the cached dataset info
 
 
@@ -289,13 +293,13 @@ def test_push_to_hub_publishes_the_output_with_the_publish_code(tmp_path, parque
     assert {"README.md", "config.json", "model.safetensors", "modeling_barlow_twins.py"} <= set(files)
 
 
-def test_push_to_hub_without_a_token_fails_before_training(tmp_path, monkeypatch):
+def test_push_to_hub_without_a_token_fails_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "no_login"))
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     with pytest.raises(SystemExit) as stopped:
         main(["--output_dir", str(tmp_path / "run"), "--push_to_hub", "--hub_model_id", "someone/x", *TINY])
-    assert "needs a token" in str(stopped.value.code)
+    assert stopped.value.code == 1 and "needs a token" in capsys.readouterr().err
     assert not (tmp_path / "run" / "log_history.jsonl").exists()
 
 
@@ -369,7 +373,7 @@ def test_loader_workers_start_once_and_every_epoch_is_complete(tmp_path, parquet
 
     monkeypatch.setattr(pretrain_module, "DataLoader", RecordingLoader)
     out = tmp_path / "run"
-    metrics = main(["--dataset_name", str(parquet_folder), "--no_streaming", "--output_dir", str(out),
+    metrics = pretrain(["--dataset_name", str(parquet_folder), "--no_streaming", "--output_dir", str(out),
                     "--num_train_epochs", "3", "--dataloader_num_workers", "2", *TINY])
     assert metrics["global_step"] == 18
     assert made[0] is True and made.count(True) == 1  # later loaders: the held-out C plot only
@@ -381,7 +385,7 @@ def test_workers_with_uneven_shares_still_give_every_epoch_its_steps(tmp_path, p
     # left over. Merged, those make the epoch's 6th batch of 16 (96 / 16); dropped, an epoch would
     # be 5 steps and the schedule's 2 epochs would run into a third.
     out = tmp_path / "run"
-    metrics = main(["--dataset_name", str(parquet_folder), "--no_streaming", "--output_dir", str(out),
+    metrics = pretrain(["--dataset_name", str(parquet_folder), "--no_streaming", "--output_dir", str(out),
                     "--num_train_epochs", "2", "--dataloader_num_workers", "3", *TINY])
     assert metrics["global_step"] == 12 and metrics["epochs"] == 2
     assert [h["epoch"] for h in history(out)] == [0] * 6 + [1] * 6

@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsModel, create_image_processor
-from training.evaluate import main as evaluate
+from tests.cli import returning
+from training.evaluate import main
+
+evaluate = returning(main, "eval_results.json")
 from training.pretrained import load_pretrained
 
 TINY = {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 16, 32]}, "small_image_stem": True, "image_size": 16}
