@@ -157,6 +157,18 @@ def test_a_named_column_of_image_bytes_trains_and_keeps_everything(tmp_path):
     _no_traceback(wrong)
 
 
+def test_steps_on_a_local_imagefolder_need_no_warmup_option(tmp_path, imagefolder):
+    # A streamed imagefolder records no size; its files are counted, so the paper's 10 warm-up epochs
+    # resolve (capped at the 2 steps run) instead of a demand for --warmup_steps.
+    run = tmp_path / "run"
+    result = script("barlow-pretrain", "--train_dir", imagefolder, "--output_dir", run, "--max_train_steps", 2,
+                    *_without("--warmup_steps"))
+    assert result.returncode == OK, result.stderr[-3000:]
+    args = json.loads((run / "training_args.json").read_text())
+    assert args["steps_per_epoch"] == 3 and args["warmup_steps"] == 2  # 48 files, batches of 16
+    assert "warm-up 2 steps (10 epochs)" in result.stderr
+
+
 def test_output_folders_that_cannot_be_used_are_usage_errors(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
