@@ -14,6 +14,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_barlow", "modeling_barlow.*", "training", "training.*", "hub", "hub.*", "barlow_cli"]),
+    # The model card template that barlow-publish renders ships inside the package.
+    package_data={"hub": ["model_card.md"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

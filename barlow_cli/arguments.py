@@ -34,12 +34,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def _as_option_string(value: Any) -> Any:
     """A config file's value for an option the parser reads as a string: YAML may give a mapping
-    (a JSON option such as backbone_kwargs) or a list (a dash-joined one such as 8192-8192-8192)."""
-    if isinstance(value, dict):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "-".join(str(v) for v in value)
-    return value
+    for a JSON option such as backbone_kwargs."""
+    return json.dumps(value) if isinstance(value, dict) else value
 
 
 def _is_string_field(annotation: Any) -> bool:

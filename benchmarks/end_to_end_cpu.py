@@ -39,7 +39,6 @@ sys.path.insert(0, str(REPO_ROOT))
 from fashion_mnist import IDX_DIR, convert
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining
-from training.arguments import parse_projector_dims
 from training.augment import TwoViewTransform
 from training.collate import TwoViewCollator
 from training.data import load_image_dataset, prepare_stream, resolve_image_column
@@ -47,7 +46,7 @@ from training.optim import create_optimizer
 
 DEFAULT_WORK_DIR = Path("/tmp/barlow_bench_e2e")
 BACKBONE_KWARGS = '{"channels": [32, 64, 128, 256]}'
-PROJECTOR_DIMS = "2048-2048-2048"
+PROJECTOR_DIMS = [2048, 2048, 2048]
 LOG_NAME = "log_history.jsonl"
 
 
@@ -55,7 +54,7 @@ def trainer_arguments(data_dir: Path, output_dir: Path, args: argparse.Namespace
     return [
         "--dataset_name", str(data_dir), "--output_dir", str(output_dir),
         "--backbone", "resnet18", "--small_image_stem", "--image_size", "32",
-        "--backbone_kwargs", BACKBONE_KWARGS, "--projector_dims", PROJECTOR_DIMS,
+        "--backbone_kwargs", BACKBONE_KWARGS, "--projector_dims", *map(str, PROJECTOR_DIMS),
         "--per_device_train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
         "--warmup_steps", "10", "--logging_steps", str(args.logging_steps),
         "--dataloader_num_workers", str(args.num_workers), "--seed", "0",
@@ -99,7 +98,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = BarlowTwinsConfig(
         backbone="resnet18", backbone_kwargs=json.loads(BACKBONE_KWARGS), small_image_stem=True,
-        projector_dims=parse_projector_dims(PROJECTOR_DIMS), image_size=32,
+        projector_dims=PROJECTOR_DIMS, image_size=32,
     )
     model = BarlowTwinsForPreTraining(config).train()
     optimizer = create_optimizer(model, "lars", 0.2, 0.0048, 1.5e-6, args.batch_size)  # the trainer's defaults

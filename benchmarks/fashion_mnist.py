@@ -139,7 +139,7 @@ def _pretrain_args(args, data: Path, output_dir: Path, epochs: str, speed: list[
         "--dataset_name", str(data), "--no_streaming", "--output_dir", str(output_dir),
         "--backbone", "resnet18", "--backbone_kwargs", args.backbone_kwargs, "--small_image_stem",
         "--image_size", str(args.image_size),
-        "--projector_dims", args.projector_dims, "--per_device_train_batch_size", str(args.batch_size),
+        "--projector_dims", *map(str, args.projector_dims), "--per_device_train_batch_size", str(args.batch_size),
         "--num_train_epochs", epochs, "--warmup_epochs", "1" if args.smoke else "2", "--logging_steps", "20",
         "--blur_probability", *(str(p) for p in args.blur_probability), "--min_crop_scale", str(args.min_crop_scale),
         "--seed", str(args.seed), *speed, *(cap[:2]),
@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--pretrain_time_budget_s", type=float, help="choose the epochs that fit this many seconds")
     parser.add_argument("--backbone_kwargs", default='{"channels": [32, 64, 128, 256]}', help="timm ResNet-18 arguments")
     parser.add_argument("--image_size", type=int, default=32, help="the backbone's input (Fashion-MNIST is 28 px)")
-    parser.add_argument("--projector_dims", default="2048-2048-2048")
+    parser.add_argument("--projector_dims", type=int, nargs="+", default=[2048, 2048, 2048])
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--blur_probability", type=float, nargs=2, default=[0.0, 0.0], metavar=("VIEW1", "VIEW2"),

@@ -49,7 +49,7 @@ run_recipe() {
   # shellcheck disable=SC2086  # options is a list of words
   OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 "$PYTHON" -m training.pretrain --dataset_name "$DATA" --no_streaming \
     --output_dir "$WORK/$name" --backbone resnet18 --backbone_kwargs '{"channels": [16, 32, 64, 128]}' \
-    --small_image_stem --image_size 32 --projector_dims 2048-2048-2048 --per_device_train_batch_size 256 \
+    --small_image_stem --image_size 32 --projector_dims 2048 2048 2048 --per_device_train_batch_size 256 \
     --max_train_samples 10000 --num_train_epochs 20 --warmup_epochs 2 --logging_steps 39 \
     --blur_probability 0 0 --dataloader_num_workers 1 --seed "$SEED" $options > "$WORK/$name.pretrain.log" 2>&1 &&
   OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 "$PYTHON" -m training.evaluate --dataset_name "$DATA" --no_streaming \

@@ -92,7 +92,7 @@ class AuthorsBarlowTwins(nn.Module):
 # ------------------------------------------------------------------------------------ contenders
 def build_config(args) -> BarlowTwinsConfig:
     return BarlowTwinsConfig(
-        backbone=args.backbone, projector_dims=[int(d) for d in args.projector_dims.split("-")],
+        backbone=args.backbone, projector_dims=list(args.projector_dims),
         image_size=args.image_size, backbone_kwargs=json.loads(args.backbone_kwargs),
     )
 
@@ -179,7 +179,7 @@ def end_to_end(args) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="gpu_step_e2e_"))
     command = [
         sys.executable, "-m", "training.pretrain", "--dataset_name", str(args.e2e_data), "--output_dir", str(run_dir),
-        "--backbone", args.backbone, "--backbone_kwargs", args.backbone_kwargs, "--image_size", str(args.image_size), "--projector_dims", args.projector_dims,
+        "--backbone", args.backbone, "--backbone_kwargs", args.backbone_kwargs, "--image_size", str(args.image_size), "--projector_dims", *map(str, args.projector_dims),
         "--per_device_train_batch_size", str(args.batch_size), "--max_train_steps", str(args.e2e_steps),
         "--warmup_steps", "5", "--logging_steps", "10", "--mixed_precision", "bf16", "--channels_last",
         "--augment_on_device", "--dataloader_num_workers", str(args.e2e_workers), "--shuffle_buffer_size", "1000",
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--backbone_kwargs", default="{}")
     parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--projector_dims", default="8192-8192-8192")
+    parser.add_argument("--projector_dims", type=int, nargs="+", default=[8192, 8192, 8192])
     parser.add_argument("--batch_size", type=int, default=256, help="images per step (each gives two views)")
     parser.add_argument("--steps", type=int, default=8, help="steps per timed run")
     parser.add_argument("--runs", type=int, default=5)
@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny network and batch: checks the plumbing")
     args = parser.parse_args()
     if args.smoke:
-        args.backbone_kwargs, args.image_size, args.projector_dims = '{"channels": [8, 16, 16, 32]}', 32, "64-64"
+        args.backbone_kwargs, args.image_size, args.projector_dims = '{"channels": [8, 16, 16, 32]}', 32, [64, 64]
         args.backbone, args.batch_size, args.steps, args.runs, args.e2e_steps = "resnet18", 8, 2, 2, 4
     if args.e2e_data:  # before CUDA starts: the photos are cut in worker processes
         # One shard per loader worker: datasets gives each worker whole shards, so fewer shards idle workers.
@@ -258,7 +258,7 @@ def main() -> None:
     best = max((n for n in names if n != "baseline"), key=images_per_s.get)
 
     details = {
-        "setting": f"{args.backbone} at {args.image_size} px, projector {args.projector_dims}, batch {args.batch_size} "
+        "setting": f"{args.backbone} at {args.image_size} px, projector {'-'.join(map(str, args.projector_dims))}, batch {args.batch_size} "
                    f"images ({2 * args.batch_size} views) per step, synthetic tensors on the device",
         "card": device_name,
         "peak_dense_bf16_flops": peak,

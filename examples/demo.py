@@ -20,8 +20,10 @@ from sklearn.datasets import load_sample_image
 from transformers import pipeline
 
 from modeling_barlow import BarlowTwinsForPreTraining, BarlowTwinsModel
-from training.features import extract_features, knn_top1, linear_probe_top1
+from training.features import extract_features, knn_top1
+from training.metrics import topk_accuracy
 from training.monitor import labelled_loaders
+from training.probes import exact_linear_probe
 from training.pretrain import main as pretrain
 
 
@@ -30,7 +32,8 @@ def evaluate(encoder: torch.nn.Module, config) -> tuple[float, float]:
     train_loader, test_loader = labelled_loaders("default", config)
     train = extract_features(encoder, train_loader)
     test = extract_features(encoder, test_loader)
-    return knn_top1(*train, *test, k=20, temperature=0.1), linear_probe_top1(*train, *test)
+    linear = topk_accuracy(exact_linear_probe(*train, test[0], num_classes=10), test[1])["top1"]
+    return knn_top1(*train, *test, k=20, temperature=0.1), linear
 
 
 def main() -> None:
@@ -43,7 +46,7 @@ def main() -> None:
     pretrain([
         "--output_dir", args.output_dir, "--backbone", "resnet18",
         "--backbone_kwargs", '{"channels": [16, 32, 64, 128]}', "--small_image_stem", "--image_size", "32",
-        "--projector_dims", "1024-1024-1024", "--per_device_train_batch_size", "128",
+        "--projector_dims", "1024", "1024", "1024", "--per_device_train_batch_size", "128",
         "--num_train_epochs", args.num_train_epochs, "--warmup_epochs", "1", "--logging_steps", "11",
         "--overwrite_output_dir",  # the demo replaces its earlier run
     ])

@@ -1,6 +1,6 @@
 """Model cards for published Barlow Twins models.
 
-The card (`README.md`) is rendered from the `model_card.md` template with huggingface_hub's
+The card (`README.md`) is rendered from the `hub/model_card.md` template (package data) with huggingface_hub's
 `ModelCard.from_template`, so its YAML header (library, pipeline tag, tags, datasets, license,
 base model, `model-index`) is written by the hub's own serialiser. The body takes the training
 hyperparameters from the run's `training_args.json` and the results from a `barlow-eval` metrics
@@ -14,6 +14,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,12 +83,8 @@ _LICENSE = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 
 
 def default_template_path() -> Path:
-    """`model_card.md`: beside the `hub` package when installed that way, else the project root."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "model_card.md", here.parent / "model_card.md"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"model_card.md not found next to {here} or in {here.parent}; pass template_path=.")
+    """`model_card.md`, the template shipped inside the `hub` package (installed or not)."""
+    return Path(str(files("hub").joinpath("model_card.md")))
 
 
 def read_eval_metrics(path: str | Path) -> dict[str, Any]:
@@ -294,7 +291,7 @@ def create_model_card(
         base_model: the hub model this one was initialised from, if any.
         training_source: replaces the sentence introducing the training table.
         notes, label_names: extra bullet points; the classifier's labels, if it has a head.
-        template_path: defaults to the project's `model_card.md`.
+        template_path: defaults to the `model_card.md` shipped in this package.
     """
     if not repo_id and local_dir is None:
         raise ValueError("create_model_card needs repo_id or local_dir: the usage snippets must name what to load.")

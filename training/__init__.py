@@ -15,7 +15,8 @@ from .augment import (
 from .checkpointing import TrainerState, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .collate import LabelledCollator, TwoViewCollator
 from .data import load_image_dataset, prepare_stream, resolve_image_column
-from .features import extract_features, knn_top1, linear_probe_top1
+from .features import extract_features, knn_top1
+from .metrics import topk_accuracy
 from .optim import create_optimizer, create_scheduler
 
 
@@ -37,10 +38,10 @@ __all__ = [
     "extract_features",
     "find_latest_checkpoint",
     "knn_top1",
-    "linear_probe_top1",
     "load_checkpoint",
     "load_image_dataset",
     "prepare_stream",
     "resolve_image_column",
     "save_checkpoint",
+    "topk_accuracy",
 ]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from modeling_barlow import BarlowTwinsConfig
 
 from .augment.params import ViewAugmentationParams, barlow_twins_view_params
 
@@ -24,7 +26,6 @@ __all__ = [
     "ModelArguments",
     "OutputArguments",
     "PretrainingArguments",
-    "parse_projector_dims",
 ]
 
 
@@ -63,31 +64,54 @@ class DataArguments:
             raise ValueError("--dataloader_num_workers must be >= 0.")
 
 
+def _config_default(name: str) -> Any:
+    """BarlowTwinsConfig's default for `name`: the options and the config share one source."""
+    config_field = next(f for f in fields(BarlowTwinsConfig) if f.name == name)
+    return config_field.default_factory() if config_field.default_factory is not MISSING else config_field.default
+
+
 @dataclass
 class ModelArguments:
-    """The network: a timm backbone and the projector, or a saved model to continue from."""
+    """The network: a timm backbone and the projector (BarlowTwinsConfig's defaults and checks), or a
+    saved model to continue from."""
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Continue from a saved BarlowTwinsForPreTraining (folder or hub id)."}
     )
-    backbone: str = field(default="resnet50", metadata={"help": "Any timm model name."})
+    backbone: str = field(default=_config_default("backbone"), metadata={"help": "Any timm model name."})
     backbone_kwargs: str | None = field(
         default=None, metadata={"help": 'JSON passed to timm.create_model, e.g. \'{"drop_path_rate": 0.1}\'.'}
     )
     small_image_stem: bool = field(
-        default=False, metadata={"help": "ResNet only: 3x3 stride-1 first convolution and no max-pool (32 px images)."}
+        default=_config_default("small_image_stem"),
+        metadata={"help": "ResNet only: 3x3 stride-1 first convolution and no max-pool (32 px images)."},
     )
-    projector_dims: str = field(default="8192-8192-8192", metadata={"help": "Projector widths, e.g. 8192-8192-8192."})
-    off_diagonal_weight: float = field(default=0.0051, metadata={"help": "The paper's lambda."})
-    loss_scale: float = field(default=1.0, metadata={"help": "Multiplies the whole loss."})
+    projector_dims: list[int] = field(
+        default_factory=lambda: _config_default("projector_dims"),
+        metadata={"help": "Widths of the projector's linear layers; the last is the embedding width D."},
+    )
+    off_diagonal_weight: float = field(
+        default=_config_default("off_diagonal_weight"), metadata={"help": "The paper's lambda."}
+    )
+    loss_scale: float = field(default=_config_default("loss_scale"), metadata={"help": "Multiplies the whole loss."})
     image_size: int | None = field(
         default=None, metadata={"help": "Training resolution; defaults to the backbone's input size."}
     )
 
     def __post_init__(self):
-        parse_projector_dims(self.projector_dims)
-        self.backbone_kwargs_dict()
-        _positive("image_size", self.image_size)
+        self.to_config()  # BarlowTwinsConfig's checks, raised as usage errors before anything runs
+
+    def to_config(self) -> BarlowTwinsConfig:
+        """The configuration these options describe."""
+        return BarlowTwinsConfig(
+            backbone=self.backbone,
+            backbone_kwargs=self.backbone_kwargs_dict(),
+            small_image_stem=self.small_image_stem,
+            projector_dims=self.projector_dims,
+            off_diagonal_weight=self.off_diagonal_weight,
+            loss_scale=self.loss_scale,
+            image_size=self.image_size,
+        )
 
     def backbone_kwargs_dict(self) -> dict[str, Any]:
         if not self.backbone_kwargs:
@@ -281,17 +305,6 @@ def _check_min_crop_scale(value: float) -> None:
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value <= 0:
         raise ValueError(f"--{name} must be a positive integer, got {value}.")
-
-
-def parse_projector_dims(text: str) -> list[int]:
-    """'8192-8192-8192' -> [8192, 8192, 8192]."""
-    try:
-        dims = [int(part) for part in str(text).split("-")]
-    except ValueError:
-        dims = []
-    if not dims or min(dims) <= 0:
-        raise ValueError(f"--projector_dims must be positive widths joined by '-', e.g. 8192-8192-8192, got {text!r}.")
-    return dims
 
 
 @dataclass

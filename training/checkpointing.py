@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,8 +21,10 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from barlow_cli import UsageError
+from modeling_barlow import BarlowTwinsConfig, create_image_processor
 
 __all__ = [
+    "Checkpointer",
     "TrainerState",
     "find_latest_checkpoint",
     "list_checkpoints",
@@ -80,6 +83,32 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+class Checkpointer:
+    """The run's checkpoints: `save()` writes one for `state` now, with the training time so far
+    (a resumed run's earlier time included) and, beside the weights, the config and image
+    processor, so that from_pretrained, barlow-eval and barlow-finetune load the folder."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path, state: TrainerState,
+                 config: BarlowTwinsConfig, save_total_limit: int | None = None) -> None:
+        self.accelerator, self.output_dir, self.state = accelerator, Path(output_dir), state
+        self.config, self.save_total_limit = config, save_total_limit
+        self.resumed_wall_time, self.started = state.wall_time_s, time.perf_counter()
+
+    @property
+    def wall_time_s(self) -> float:
+        """Seconds of training, earlier (resumed) parts included."""
+        return self.resumed_wall_time + time.perf_counter() - self.started
+
+    def save(self) -> Path:
+        self.state.wall_time_s = round(self.wall_time_s, 2)
+        return save_checkpoint(self.accelerator, self.output_dir, self.state, save_extra=self._save_config,
+                               save_total_limit=self.save_total_limit)
+
+    def _save_config(self, folder: Path) -> None:
+        self.config.save_pretrained(folder)
+        create_image_processor(self.config).save_pretrained(folder)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .collective import all_processes
-from .probes import _topk_correct
+from .metrics import accuracy_from_counts, topk_correct
 
 __all__ = [
     "FitSummary",
@@ -149,14 +149,11 @@ def evaluate_classifier(
             context = accelerator.autocast() if accelerator is not None else nullcontext()
             with context:
                 logits = model(pixel_values=batch["pixel_values"].to(device)).logits
-            totals += _topk_correct(logits.float(), labels)
+            totals += topk_correct(logits.float(), labels)
     finally:
         model.train(was_training)
     if accelerator is not None and accelerator.num_processes > 1:
         totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
     if totals[2] == 0:
         raise ValueError("The evaluation split has no readable images.")
-    result = {"top1": (totals[0] / totals[2]).item()}
-    if num_classes >= 5:
-        result["top5"] = (totals[1] / totals[2]).item()
-    return result
+    return accuracy_from_counts(totals, num_classes)

@@ -1,14 +1,27 @@
-"""Decisions a training loop takes on the host: agreement between processes, and reading a
-device flag without stalling the device."""
+"""Working across processes: the accelerator of a launch, agreement between processes, and
+reading a device flag without stalling the device."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import os
+
 import torch
 from accelerate import Accelerator
 
-__all__ = ["all_processes", "is_finite_later"]
+__all__ = ["all_processes", "create_accelerator", "is_finite_later", "launched_processes"]
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (accelerate launch, torchrun) started: 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def create_accelerator(**kwargs) -> Accelerator:
+    """accelerate's ``Accelerator(**kwargs)`` for this launch: without a GPU, accelerate only takes
+    several launched processes as one job (gloo) when told ``cpu=True``."""
+    return Accelerator(cpu=launched_processes() > 1 and not torch.cuda.is_available(), **kwargs)
 
 
 def is_finite_later(value: torch.Tensor) -> Callable[[], bool]:

@@ -14,6 +14,7 @@ collators and image decoding are in ``collate.py``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from .collate import decode_image
 
 __all__ = [
     "DEFAULT_DATASET_NAME", "load_image_dataset", "resolve_image_column", "resolve_label_column",
-    "prepare_stream", "count_examples", "is_local_source",
+    "prepare_stream", "count_examples", "file_stamps", "is_local_source", "load_held_out_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,31 @@ def load_image_dataset(
             f"Could not load {source!r} (config={config!r}, split={split!r}): {err}. Offline "
             "(HF_HUB_OFFLINE=1), only data sets in the local Hugging Face cache load; or pass a local directory."
         ) from err
+
+
+HELD_OUT_SPLITS = ("validation", "test")
+
+
+def load_held_out_split(
+    dataset_name: str | None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    streaming: bool = True,
+    cache_dir: str | None = None,
+    split: str | None = None,
+) -> tuple[AnyDataset, str]:
+    """``(dataset, split name)`` of the held-out split: ``split`` when given, else 'validation',
+    else 'test'. Raises ValueError when there is none (the message says which were tried)."""
+    names = [split] if split else list(HELD_OUT_SPLITS)
+    error: Exception | None = None
+    for name in names:
+        try:
+            return load_image_dataset(dataset_name, dataset_config_name, name, train_dir, streaming, cache_dir), name
+        except (ValueError, KeyError) as err:
+            error = err
+    if split:
+        raise ValueError(f"Cannot load the evaluation split {split!r}: {error}")
+    raise ValueError(f"The dataset has no 'validation' or 'test' split ({error}); pass --eval_split.")
 
 
 # ---------------------------------------------------------------------------------------- columns
@@ -297,6 +323,12 @@ def prepare_stream(
             )
         dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
     return dataset
+
+
+def file_stamps(paths: Iterable[Path], root: Path) -> list:
+    """(path relative to ``root``, size, mtime_ns) of each file, sorted: changes when any of them
+    is rewritten or replaced (cache keys of local data and models)."""
+    return sorted([str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.is_file())
 
 
 def is_local_source(dataset_name: str | None, train_dir: str | None) -> bool:

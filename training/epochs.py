@@ -45,7 +45,7 @@ class TrainingBatches:
 
     Args:
         stream: this process's share, with ``set_epoch`` and ``skip`` (``datasets.IterableDataset``).
-        make_loader: ``(stream, persistent) -> DataLoader`` of collated batches of ``batch_size``.
+        make_loader: ``(stream, persistent, epoch) -> DataLoader`` of collated batches of ``batch_size``.
         on_epoch_end: called after each complete epoch (before the next one is read), e.g. to
             save an epoch checkpoint.
     """
@@ -53,7 +53,7 @@ class TrainingBatches:
     def __init__(
         self,
         stream: datasets.IterableDataset,
-        make_loader: Callable[[datasets.IterableDataset, bool], DataLoader],
+        make_loader: Callable[[datasets.IterableDataset, bool, int], DataLoader],
         batch_size: int,
         accelerator: Accelerator,
         state: TrainerState,
@@ -79,11 +79,11 @@ class TrainingBatches:
         if self.state.examples_in_epoch:
             rest = self.stream.skip(self.state.examples_in_epoch)
             rest.set_epoch(self.state.epoch)  # skip() starts its copy at epoch 0
-            return self.make_loader(rest, False)
+            return self.make_loader(rest, False, self.state.epoch)
         if self._epoch_loader is None:
             # Workers live for the whole run: datasets shares set_epoch with them, so each epoch
             # is still reshuffled.
-            self._epoch_loader = self.make_loader(self.stream, self.persistent_workers)
+            self._epoch_loader = self.make_loader(self.stream, self.persistent_workers, self.state.epoch)
         return self._epoch_loader
 
     def _next(self, batches: Iterator[dict], at_boundary: bool) -> dict | None:

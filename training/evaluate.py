@@ -3,8 +3,8 @@
     barlow-eval --model_name_or_path out --protocol linear knn semi --output_dir eval
     python -m training.evaluate --model_name_or_path out --output_dir eval   # digits, linear and kNN
 
-Reads top to bottom: arguments, model and data, features (cached on disk), the protocols, the
-metrics JSON and the table. Run with `--help` for every option.
+Writes eval_results.json (accuracies as fractions) into --output_dir and prints a table. Features
+are computed once per model, data and preprocessing, and cached on disk.
 
 * linear: the backbone frozen in eval mode. `--linear_solver sgd` (default) is the paper's
   protocol on features computed once (SGD, momentum 0.9, lr 0.3, weight decay 1e-6, batch 256,
@@ -14,6 +14,8 @@ metrics JSON and the table. Run with `--help` for every option.
 * knn: cosine similarity of L2-normalised features, the k nearest vote with exp(sim / T).
 * semi: the whole network fine-tuned on class-balanced fractions of the labels (chosen with
   `--seed`), backbone and head with their own learning rates.
+
+Exit status: 0 done, 1 failed, 2 usage error.
 """
 
 from __future__ import annotations
@@ -21,24 +23,24 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from barlow_cli import parse_arguments, prepare_output_dir, run_command, setup_logging
+from barlow_cli import UsageError, parse_arguments, prepare_output_dir, run_command, setup_logging
 
 from .arguments import DataArguments
 from .classifier_arguments import EvaluationArguments, PretrainedModelArguments, SupervisedDataArguments
+from .collective import create_accelerator, launched_processes
 from .features import extract_features, knn_topk_accuracy
 from .optim import create_scheduler
 from .classifier_training import classifier_optimizer, evaluate_classifier, fit_classifier
-from .labelled_data import class_balanced_subset, fraction_name, load_labelled_data
-from .pretrained import load_pretrained
-from .probes import cached_features, exact_linear_probe, fit_linear_head, linear_head, sgd_linear_probe, topk_accuracy
+from .labelled_data import check_label_range, class_balanced_subset, fraction_name, load_labelled_data
+from .model_source import load_model_source
+from .metrics import topk_accuracy
+from .probes import cached_features, exact_linear_probe, fit_linear_head, linear_head, sgd_linear_probe
 
 
 logger = logging.getLogger(__name__)
@@ -71,16 +73,16 @@ def evaluate(
     model_args: PretrainedModelArguments,
     eval_args: EvaluationArguments,
 ) -> dict:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("barlow-eval runs in a single process: start it without accelerate launch or torchrun.")
+    if launched_processes() > 1:
+        raise UsageError("barlow-eval runs in a single process: start it without accelerate launch or torchrun.")
     started = time.perf_counter()
-    accelerator = Accelerator(mixed_precision=eval_args.mixed_precision)
+    accelerator = create_accelerator(mixed_precision=eval_args.mixed_precision)
     device = accelerator.device
     set_seed(eval_args.seed)
     output_dir = Path(eval_args.output_dir)
 
     # Model and data.
-    model = load_pretrained(model_args.model_name_or_path, model_args.random_init, eval_args.seed)
+    model = load_model_source(model_args.model_name_or_path, model_args.random_init, eval_args.seed)
     data = load_labelled_data(data_args, supervised_args)
     protocols = eval_args.protocol
     logger.info(
@@ -109,7 +111,7 @@ def evaluate(
             cache_dir=cache_dir, num_workers=data_args.dataloader_num_workers, autocast=accelerator.autocast,
         )
         features[split], cache_hits[split] = (x, y), hit
-        _check_labels(y, data.num_classes, split)
+        check_label_range(y, data.num_classes, split)
 
     metrics: dict[str, float] = {}
     settings: dict[str, dict] = {}
@@ -199,14 +201,6 @@ def evaluate(
 def _record(metrics: dict, name: str, result: dict) -> None:
     for key, value in result.items():
         metrics[f"{name}_{key}"] = value
-
-
-def _check_labels(labels: torch.Tensor, num_classes: int, split: str) -> None:
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"The {split} split has labels outside [0, {num_classes}) (e.g. -1 marks unlabelled examples); "
-            "evaluate on a labelled split."
-        )
 
 
 def _augmented_linear_probe(

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["extract_features", "knn_classify", "knn_top1", "knn_topk_accuracy", "linear_probe_top1"]
+from .metrics import topk_accuracy
+
+__all__ = ["extract_features", "knn_classify", "knn_top1", "knn_topk_accuracy"]
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -232,13 +234,7 @@ def knn_topk_accuracy(
     if test_labels.min() < 0 or test_labels.max() >= num_classes:
         raise ValueError(f"test_labels must lie in [0, {num_classes}), got [{test_labels.min()}, {test_labels.max()}]")
     scores = knn_classify(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
-    targets = test_labels.to(device=scores.device, dtype=torch.long)
-
-    result = {"top1": (scores.argmax(1) == targets).double().mean().item()}
-    if num_classes >= 5:
-        top5 = scores.topk(5, dim=1).indices
-        result["top5"] = (top5 == targets[:, None]).any(1).double().mean().item()
-    return result
+    return topk_accuracy(scores, test_labels)
 
 
 def knn_top1(
@@ -254,16 +250,3 @@ def knn_top1(
     return knn_topk_accuracy(
         train_features, train_labels, test_features, test_labels, num_classes, k, temperature
     )["top1"]
-
-
-def linear_probe_top1(
-    train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, test_labels: torch.Tensor
-) -> float:
-    """Top-1 of an exact multinomial logistic regression (scikit-learn, L-BFGS) on standardised
-    features: a quick linear probe that needs no learning-rate schedule."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(train_features.numpy())
-    probe = LogisticRegression(max_iter=2000).fit(scaler.transform(train_features.numpy()), train_labels.numpy())
-    return float(probe.score(scaler.transform(test_features.numpy()), test_labels.numpy()))

@@ -9,8 +9,8 @@ resized crops and flips; every epoch ends with top-1 (and top-5) on the held-out
 folder loads in transformers' `image-classification` pipeline, with the dataset's class names in
 `id2label`.
 
-Reads top to bottom like HF's `run_*_no_trainer.py`: arguments, accelerator, model, data,
-optimizer, loop, save. Run with `--help` for every option.
+Writes the classifier, its image processor, metrics.json and log_history.jsonl into
+--output_dir. Exit status: 0 done, 1 failed, 2 usage error.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -36,9 +35,10 @@ from .arguments import DataArguments, HubArguments
 from .classifier_arguments import FinetuningArguments, PretrainedModelArguments, SupervisedDataArguments
 from .optim import create_scheduler, warmup_steps_from_epochs
 from .classifier_training import classifier_optimizer, evaluate_classifier, fit_classifier
+from .collective import create_accelerator
 from .data import is_local_source
 from .labelled_data import load_labelled_data
-from .pretrained import load_pretrained
+from .model_source import load_model_source
 
 
 logger = get_logger(__name__)
@@ -76,10 +76,7 @@ def finetune(
     train_args: FinetuningArguments,
 ) -> dict:
     output_dir = Path(train_args.output_dir)
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(
-        # Without a GPU, accelerate only takes several launched processes as one job (gloo) when told so.
-        cpu=processes > 1 and not torch.cuda.is_available(),
+    accelerator = create_accelerator(
         mixed_precision=train_args.mixed_precision,
         log_with=None if train_args.report_to == "none" else train_args.report_to,
         project_dir=str(output_dir),
@@ -87,7 +84,7 @@ def finetune(
     set_seed(train_args.seed)
 
     # Model: the pretrained encoder and a new head named after the dataset's classes.
-    pretrained = load_pretrained(model_args.model_name_or_path, model_args.random_init, train_args.seed)
+    pretrained = load_model_source(model_args.model_name_or_path, model_args.random_init, train_args.seed)
     data = load_labelled_data(data_args, supervised_args)
     model, head = pretrained.classifier(data.label_names)
     if train_args.freeze_backbone:

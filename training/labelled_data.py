@@ -20,15 +20,17 @@ from .collate import LabelledCollator
 from .data import (
     DEFAULT_DATASET_NAME,
     count_examples,
+    file_stamps,
+    load_held_out_split,
     load_image_dataset,
     prepare_stream,
     resolve_image_column,
     resolve_label_column,
 )
-from .pretrained import _stat_files
 
 __all__ = [
     "LabelledData",
+    "check_label_range",
     "class_balanced_subset",
     "fraction_name",
     "load_labelled_data",
@@ -36,7 +38,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-HELD_OUT_SPLITS = ("validation", "test")
 
 # ------------------------------------------------------------------------------------------- data
 @dataclass
@@ -86,11 +87,7 @@ class LabelledData:
             ids = [self.label2id[v] for v in values] if self.label2id is not None else [int(v) for v in values]
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"The {split} split has a label {error} outside the training labels.") from None
-        if ids and (min(ids) < 0 or max(ids) >= self.num_classes):
-            raise ValueError(
-                f"The {split} split has labels outside [0, {self.num_classes}) (e.g. -1 marks unlabelled examples); "
-                "evaluate on a labelled split."
-            )
+        check_label_range(ids, self.num_classes, split)
         return ids
 
     def collator(self, transform: Callable, num_channels: int) -> Callable:
@@ -175,6 +172,16 @@ class LabelledData:
         return self._subsets[key]
 
 
+def check_label_range(labels: Sequence[int] | torch.Tensor, num_classes: int, split: str) -> None:
+    """ValueError unless every class id lies in [0, num_classes) (-1 often marks unlabelled examples)."""
+    labels = torch.as_tensor(labels)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"The {split} split has labels outside [0, {num_classes}) (e.g. -1 marks unlabelled examples); "
+            "evaluate on a labelled split."
+        )
+
+
 class _EncodedLabels:
     """Maps label values to class ids before the collator."""
 
@@ -195,22 +202,6 @@ def _read_labels(dataset, label_column: str, max_samples: int | None) -> list:
     return [example[label_column] for example in stream]
 
 
-def _load_eval_split(data_args, eval_split: str | None):
-    names = [eval_split] if eval_split else list(HELD_OUT_SPLITS)
-    error = None
-    for split in names:
-        try:
-            return load_image_dataset(
-                data_args.dataset_name, data_args.dataset_config_name, split, data_args.train_dir,
-                data_args.streaming, data_args.cache_dir,
-            ), split
-        except (ValueError, KeyError) as err:
-            error = err
-    if eval_split:
-        raise ValueError(f"Cannot load the evaluation split {eval_split!r}: {error}")
-    raise ValueError(f"The dataset has no 'validation' or 'test' split ({error}); pass --eval_split.")
-
-
 def _data_identity(data_args) -> dict:
     source = data_args.train_dir or data_args.dataset_name
     identity: dict[str, Any] = {"config": data_args.dataset_config_name}
@@ -221,7 +212,7 @@ def _data_identity(data_args) -> dict:
     elif Path(source).expanduser().exists():
         path = Path(source).expanduser().resolve()
         files = (Path(root, f) for root, _, names in os.walk(path) for f in names) if path.is_dir() else [path]
-        identity.update(source=str(path), files=_stat_files(files, path.parent if path.is_file() else path))
+        identity.update(source=str(path), files=file_stamps(files, path.parent if path.is_file() else path))
     else:
         identity["source"] = source
     return identity
@@ -235,7 +226,10 @@ def load_labelled_data(data_args, supervised_args) -> LabelledData:
         data_args.dataset_name, data_args.dataset_config_name, data_args.train_split, data_args.train_dir,
         data_args.streaming, data_args.cache_dir,
     )
-    held_out, eval_split = _load_eval_split(data_args, supervised_args.eval_split)
+    held_out, eval_split = load_held_out_split(
+        data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir, data_args.streaming,
+        data_args.cache_dir, split=supervised_args.eval_split,
+    )
     image_column = resolve_image_column(train, data_args.image_column)
     label_column = resolve_label_column(train, supervised_args.label_column)
     if label_column is None:

@@ -13,53 +13,29 @@ from torch.utils.data import DataLoader
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining, create_image_processor, cross_correlation
 
-from .collate import LabelledCollator
-from .data import load_image_dataset, prepare_stream, resolve_image_column, resolve_label_column
+from .arguments import DataArguments
+from .classifier_arguments import SupervisedDataArguments
+from .data import load_held_out_split, load_image_dataset, prepare_stream, resolve_image_column
 from .features import extract_features, knn_top1
+from .labelled_data import load_labelled_data
+from .model_source import processor_transform
 from .plots import plot_cross_correlation, summarise_cross_correlation
 
 
-__all__ = ["KnnMonitor", "eval_transform", "labelled_loaders", "plot_held_out_cross_correlation"]
+__all__ = ["KnnMonitor", "labelled_loaders", "plot_held_out_cross_correlation"]
 
 logger = logging.getLogger(__name__)
-HELD_OUT_SPLITS = ("validation", "test")
 PLOT_BATCH = 256
-
-
-def eval_transform(config: BarlowTwinsConfig) -> Callable[[Any], torch.Tensor]:
-    """PIL image -> (C, S, S): the model's own image processor, so evaluation sees exactly the
-    preprocessing that users of the saved model get."""
-    processor = create_image_processor(config)
-    return lambda image: processor(image, return_tensors="pt")["pixel_values"][0]
-
-
-def _dataset_name(name: str) -> str | None:
-    return None if name == "default" else name
-
-
-def _load_held_out(dataset_name: str | None, **kwargs) -> tuple[Any, str] | None:
-    for split in HELD_OUT_SPLITS:
-        try:
-            return load_image_dataset(dataset_name, split=split, **kwargs), split
-        except (ValueError, KeyError, FileNotFoundError):
-            continue
-    return None
 
 
 def labelled_loaders(dataset: str, config: BarlowTwinsConfig, batch_size: int = 256) -> tuple[DataLoader, DataLoader]:
     """Loaders of (pixel_values, labels) for a labelled dataset's train split and its validation
     or test split ('default': scikit-learn's digits), preprocessed as the model's processor does."""
-    name = _dataset_name(dataset)
-    train = load_image_dataset(name, split="train", streaming=False)
-    held_out = _load_held_out(name, streaming=False)
-    if held_out is None:
-        raise ValueError(f"Evaluation dataset {dataset} needs a 'validation' or 'test' split.")
-    image_column = resolve_image_column(train)
-    label_column = resolve_label_column(train)
-    if label_column is None:
-        raise ValueError(f"Evaluation dataset {dataset} has no label column ({train.column_names}).")
-    collator = LabelledCollator(eval_transform(config), image_column, label_column, config.num_channels)
-    return tuple(DataLoader(split, batch_size=batch_size, collate_fn=collator) for split in (train, held_out[0]))
+    data = load_labelled_data(
+        DataArguments(dataset_name=None if dataset == "default" else dataset, streaming=False), SupervisedDataArguments()
+    )
+    transform = processor_transform(create_image_processor(config))
+    return tuple(data.loader(split, transform, config.num_channels, batch_size) for split in ("train", "eval"))
 
 
 @dataclass
@@ -111,20 +87,15 @@ def plot_held_out_cross_correlation(
     model in eval mode. `to_views` turns a collated batch into the two model inputs, as in training.
 
     Every process computes the same batch, so the global C equals the local one."""
-    name = data_args.train_dir or data_args.dataset_name
-    kwargs = {"dataset_config_name": data_args.dataset_config_name, "streaming": True, "cache_dir": data_args.cache_dir}
-    held_out = None if data_args.train_dir else _load_held_out(name, **kwargs)
-    if held_out is not None:
-        try:
-            resolve_image_column(held_out[0], image_column)
-        except ValueError:  # the held-out split names its columns otherwise
-            held_out = None
     source = "held-out"
-    if held_out is None:
-        dataset = load_image_dataset(data_args.dataset_name, split=data_args.train_split, train_dir=data_args.train_dir, **kwargs)
+    try:
+        dataset, _ = load_held_out_split(data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir,
+                                         streaming=True, cache_dir=data_args.cache_dir)
+        resolve_image_column(dataset, image_column)  # a held-out split may name its columns otherwise
+    except ValueError:
+        dataset = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, data_args.train_split,
+                                     data_args.train_dir, streaming=True, cache_dir=data_args.cache_dir)
         source = "training"
-    else:
-        dataset = held_out[0]
     batch = collator(_first_examples(dataset, image_column, PLOT_BATCH))
     if batch["pixel_values"].shape[0] < 2:
         logger.warning("No readable batch to plot the cross-correlation matrix.")

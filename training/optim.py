@@ -6,7 +6,8 @@ Follows the paper's recipe (Zbontar et al., 2021, and the authors' release):
 * one-dimensional parameters (biases, norm weights and biases) get neither weight decay
   nor the LARS trust ratio, and have their own learning rate;
 * learning rates scale with ``global_batch_size / 256``;
-* linear warm-up, then cosine decay to 0.001 of the peak, updated every step.
+* linear warm-up, then cosine decay to 0.001 of the peak, updated every step (transformers'
+  schedule of that shape, which is the authors' formula).
 
 LARS is ``timm.optim.Lars``. Its trust ratio is ``eta*||w|| / (||g|| + wd*||w|| + eps)``,
 whereas the paper's is ``eta*||w|| / ||g + wd*w||``. Both denominators agree when ``wd`` is 0
@@ -23,16 +24,15 @@ import torch
 from timm.optim import Lars
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 __all__ = [
     "OPTIMIZER_NAMES",
     "StepPlan",
-    "WarmupCosine",
     "create_optimizer",
     "create_scheduler",
     "plan_steps",
     "split_parameter_groups",
-    "warmup_cosine_lambda",
     "warmup_steps_from_epochs",
 ]
 
@@ -139,72 +139,29 @@ def create_optimizer(
     return torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=weight_decay)
 
 
-@dataclass
-class WarmupCosine:
-    """Step -> learning-rate multiplier: linear warm-up, then cosine decay.
+def create_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, final_ratio: float = 0.001
+) -> LambdaLR:
+    """The paper's per-step schedule for every group's peak lr: linear warm-up from 0 over
+    ``warmup_steps``, then cosine decay to ``final_ratio`` of the peak at ``total_steps``.
 
-    Steps are 0-based optimizer steps ``0 .. total_steps - 1``; ``w = warmup_steps`` and
-    ``T = total_steps``:
-
-    * ``s < w``: ``s / w`` (the authors' warm-up, so step 0 is 0);
-    * ``w <= s``: ``final + (1 - final) * 0.5 * (1 + cos(pi * (s - w) / (T - 1 - w)))``,
-      which is 1.0 at ``s = w`` and exactly ``final_ratio`` at the last step ``T - 1``;
-      steps past ``T - 1`` stay at ``final_ratio``.
-
-    The authors' cosine divides by ``T - w`` and so never quite reaches the floor on an
-    executed step; the difference is one step's worth. If the cosine has no room
-    (``w >= T - 1``) the multiplier stays at 1.0 after warm-up.
-
-    A callable object rather than a closure so ``LambdaLR.state_dict`` records its fields.
+    This is transformers' ``get_cosine_with_min_lr_schedule_with_warmup``, whose formula is the
+    authors' (``q = 0.5 (1 + cos(pi s / (T - w)))``, ``lr = peak (q + final_ratio (1 - q))``).
+    Call ``scheduler.step()`` once after every ``optimizer.step()``. Each group's peak is its
+    ``"peak_lr"`` (recorded by :func:`split_parameter_groups`), else its current lr.
     """
-
-    total_steps: int
-    warmup_steps: int
-    final_ratio: float = 0.001
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return step / self.warmup_steps
-        span = self.total_steps - 1 - self.warmup_steps
-        if span <= 0:
-            return 1.0
-        progress = min((step - self.warmup_steps) / span, 1.0)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.final_ratio + (1.0 - self.final_ratio) * cosine
-
-
-def warmup_cosine_lambda(
-    total_steps: int, warmup_steps: int, final_ratio: float = 0.001
-) -> WarmupCosine:
-    """Validated :class:`WarmupCosine` multiplier (see there for the exact formula)."""
     if total_steps <= 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if warmup_steps > total_steps:
-        raise ValueError(
-            f"warmup_steps ({warmup_steps}) must not exceed total_steps ({total_steps})"
-        )
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps} (it must not exceed the run)")
     if not 0.0 <= final_ratio <= 1.0:
         raise ValueError(f"final_ratio must be in [0, 1], got {final_ratio}")
-    return WarmupCosine(total_steps, warmup_steps, final_ratio)
-
-
-def create_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
-) -> LambdaLR:
-    """Per-step ``LambdaLR`` applying :class:`WarmupCosine` to every group's peak lr.
-
-    Call ``scheduler.step()`` once after every ``optimizer.step()``. Each group's peak is
-    its ``"peak_lr"`` (recorded by :func:`split_parameter_groups`), else its current lr.
-    """
-    multiplier = warmup_cosine_lambda(total_steps, warmup_steps)
     for group in optimizer.param_groups:
         group.setdefault("peak_lr", group["lr"])
         # LambdaLR scales "initial_lr" but only sets it when absent; pin it to the peak so a
         # stale value (e.g. from an earlier scheduler) cannot leak in.
         group["initial_lr"] = group["peak_lr"]
-    return LambdaLR(optimizer, multiplier)
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total_steps, min_lr_rate=final_ratio)
 
 
 def warmup_steps_from_epochs(warmup_epochs: float, steps_per_epoch: int) -> int:

@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shlex
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,12 +25,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 import modeling_barlow
-from barlow_cli import CommandFailed, UsageError, parse_arguments, prepare_output_dir, run_command, setup_logging
+from barlow_cli import CommandFailed, parse_arguments, prepare_output_dir, run_command, setup_logging
 from modeling_barlow import (
     BarlowTwinsConfig,
     BarlowTwinsForPreTraining,
@@ -41,23 +37,15 @@ from modeling_barlow import (
     create_image_processor,
 )
 
-from .arguments import (
-    DataArguments,
-    HubArguments,
-    ModelArguments,
-    OutputArguments,
-    PretrainingArguments,
-    parse_projector_dims,
-)
-from .augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTransform
-from .checkpointing import CheckpointMismatch, TrainerState, load_checkpoint, save_checkpoint, truncate_history
-from .collate import TwoViewCollator
-from .data import count_examples, is_local_source, load_image_dataset, prepare_stream, resolve_image_column
+from .arguments import DataArguments, HubArguments, ModelArguments, OutputArguments, PretrainingArguments
+from .checkpointing import CheckpointMismatch, Checkpointer, TrainerState, load_checkpoint, truncate_history
+from .collective import create_accelerator, launched_processes
 from .epochs import TrainingBatches
 from .loop import LossWindow, NonFiniteLosses, PretrainingStep
 from .monitor import KnnMonitor, plot_held_out_cross_correlation
 from .optim import create_optimizer, create_scheduler, plan_steps
-from .signals import StopRequests, ignore_interrupts
+from .pretraining_data import load_pretraining_data
+from .signals import StopRequests
 
 logger = get_logger(__name__)
 
@@ -106,16 +94,7 @@ def compile_settings(activation_memory_budget: float | None = None) -> contextli
 def build_model(model_args: ModelArguments) -> BarlowTwinsForPreTraining:
     if model_args.model_name_or_path:
         return BarlowTwinsForPreTraining.from_pretrained(model_args.model_name_or_path)
-    config = BarlowTwinsConfig(
-        backbone=model_args.backbone,
-        backbone_kwargs=model_args.backbone_kwargs_dict(),
-        small_image_stem=model_args.small_image_stem,
-        projector_dims=parse_projector_dims(model_args.projector_dims),
-        off_diagonal_weight=model_args.off_diagonal_weight,
-        loss_scale=model_args.loss_scale,
-        image_size=model_args.image_size,
-    )
-    return BarlowTwinsForPreTraining(config)
+    return BarlowTwinsForPreTraining(model_args.to_config())
 
 
 def resume_command(argv: list[str]) -> str:
@@ -133,7 +112,7 @@ def resume_command(argv: list[str]) -> str:
             continue
         kept.append(arg)
     prog = PROG if Path(sys.argv[0]).name == PROG else "python -m training.pretrain"
-    launcher = "accelerate launch [your launch options] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    launcher = "accelerate launch [your launch options] " if launched_processes() > 1 else ""
     if launcher and prog == PROG:
         prog = "-m training.pretrain"
     return f"{launcher}{prog} {shlex.join([*kept, '--resume_from_checkpoint', 'latest'])}"
@@ -161,10 +140,6 @@ def _same_architecture(config: BarlowTwinsConfig):
     return check
 
 
-def _launched_processes() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def train(
     data_args: DataArguments,
     model_args: ModelArguments,
@@ -174,9 +149,7 @@ def train(
 ) -> dict:
     """Pretrain, save the model and metrics into ``out_args.output_dir``; returns the metrics."""
     output_dir = Path(out_args.output_dir)
-    accelerator = Accelerator(
-        # Without a GPU, accelerate only takes several launched processes as one job (gloo) when told so.
-        cpu=_launched_processes() > 1 and not torch.cuda.is_available(),
+    accelerator = create_accelerator(
         mixed_precision=train_args.mixed_precision,
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         log_with=None if out_args.report_to == "none" else out_args.report_to,
@@ -184,90 +157,19 @@ def train(
         dynamo_backend="inductor" if train_args.torch_compile else None,
     )
     set_seed(train_args.seed)
-
-    # Model: BatchNorm statistics are global across processes, as the loss's are.
-    model = build_model(model_args)
+    model = prepare_model(model_args, train_args, accelerator)
     config = model.config
-    if accelerator.num_processes > 1:
-        convert_to_global_batchnorm(model)
-        left = sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                       and not isinstance(m, GlobalBatchNorm)})
-        if left:
-            logger.warning(f"{', '.join(left)} keep per-process batch statistics: only plain BatchNorm layers are "
-                           "made global, so this run is not exactly a single process with the global batch.")
-    memory_format = torch.channels_last if train_args.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
     # Same initial weights everywhere (above), but each process draws its own augmentations: a
     # shared stream would give every shard's i-th image the same crop, colour and blur.
     set_seed(train_args.seed + accelerator.process_index)
+    data = load_pretraining_data(data_args, train_args, config, accelerator)
 
-    # Data: each process reads its own shard of the stream; decoding and cropping in the loader.
-    dataset = load_image_dataset(
-        data_args.dataset_name, data_args.dataset_config_name, data_args.train_split,
-        data_args.train_dir, data_args.streaming, data_args.cache_dir,
-    )
-    try:
-        image_column = resolve_image_column(dataset, data_args.image_column)
-    except ValueError as error:  # the fix is an option: --image_column
-        raise UsageError(str(error)) from None
-    stream = prepare_stream(
-        dataset, image_column, seed=train_args.seed, shuffle_buffer_size=data_args.shuffle_buffer_size,
-        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-        max_samples=data_args.max_train_samples,
-    )
-    interpolation = v2.InterpolationMode(config.interpolation)
-    view_params = train_args.view_params()
-    device_augment = None
-    if train_args.augment_on_device:
-        transform = TwoViewCropTransform(config.image_size, config.num_channels, interpolation, view_params)
-        device_augment = TwoViewBatchAugmentation(config.image_mean, config.image_std, view_params).to(accelerator.device)
-    else:
-        transform = TwoViewTransform(
-            config.image_size, config.image_mean, config.image_std, config.num_channels, interpolation, view_params
-        )
-    collator = TwoViewCollator(transform, image_column, config.num_channels)
-
-    def to_views(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """A collated batch -> the two model inputs on the device (augmented there if asked)."""
-        view_1 = batch["pixel_values"].to(accelerator.device, non_blocking=True)
-        view_2 = batch["pixel_values_2"].to(accelerator.device, non_blocking=True)
-        if device_augment is not None:
-            with torch.no_grad():
-                view_1, view_2 = device_augment(view_1, view_2)
-        return view_1.contiguous(memory_format=memory_format), view_2.contiguous(memory_format=memory_format)
-
-    def make_loader(epoch_stream, persistent: bool) -> DataLoader:
-        return DataLoader(
-            epoch_stream, batch_size=train_args.per_device_train_batch_size, collate_fn=collator,
-            # Short batches are kept and merged by whole_batches: each worker ends an epoch with one.
-            num_workers=data_args.dataloader_num_workers, drop_last=False, persistent_workers=persistent,
-            pin_memory=accelerator.device.type == "cuda",  # lets to_views copy without blocking
-            worker_init_fn=ignore_interrupts,
-            # Its own generator: creating the loader must not draw from the global RNG, or a resumed
-            # run's augmentations would differ from an uninterrupted one's.
-            generator=torch.Generator().manual_seed(train_args.seed + state.epoch),
-        )
-
-    # The schedule: epochs are resolved whenever the size can be known.
-    local_data = is_local_source(data_args.dataset_name, data_args.train_dir)
-    num_examples = count_examples(dataset, data_args.train_split)
-    if num_examples is None and local_data:
-        # Local files that record no size (parquet, imagefolder streams): one pass of undecoded reads.
-        logger.info("Counting the training examples (the dataset records no size)...", main_process_only=True)
-        num_examples = sum(1 for _ in prepare_stream(dataset, image_column, shuffle=False))
-    if num_examples is not None and data_args.max_train_samples:
-        num_examples = min(num_examples, data_args.max_train_samples)
-    per_process_batch = train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps
-    global_batch = per_process_batch * accelerator.num_processes
+    global_batch = train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps * accelerator.num_processes
     plan = plan_steps(
-        num_examples, global_batch, num_train_epochs=train_args.num_train_epochs,
+        data.num_examples, global_batch, num_train_epochs=train_args.num_train_epochs,
         max_train_steps=train_args.max_train_steps, warmup_steps=train_args.warmup_steps,
         warmup_ratio=train_args.warmup_ratio, warmup_epochs=train_args.warmup_epochs,
     )
-    if plan.warmup_steps == plan.total_steps and plan.total_steps > 1:
-        logger.warning(f"The warm-up ({plan.warmup_source}) is as long as the run ({plan.total_steps} steps): the "
-                       "learning rate never reaches its cosine decay.", main_process_only=True)
-
     optimizer = create_optimizer(
         model, train_args.optimizer, train_args.learning_rate_weights, train_args.learning_rate_biases,
         train_args.weight_decay, global_batch, trust_coefficient=train_args.lars_trust_coefficient,
@@ -278,23 +180,13 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    state = TrainerState()
-    metrics: dict = {}  # the last logged window's, as metrics.json reports them
-    if accelerator.is_main_process and not out_args.resume_from_checkpoint:
-        (output_dir / "log_history.jsonl").unlink(missing_ok=True)
-    if out_args.resume_from_checkpoint:
-        path, state = load_checkpoint(accelerator, out_args.resume_from_checkpoint, output_dir, _same_architecture(config))
-        if accelerator.is_main_process:
-            metrics = truncate_history(output_dir / "log_history.jsonl", state.global_step)
-        logger.info(f"Resumed from {path} at step {state.global_step} (epoch {state.epoch}).", main_process_only=True)
-
-    knn = KnnMonitor.create(out_args, config, accelerator) if out_args.knn_eval_dataset else None
+    state, metrics = resume(accelerator, out_args, config)
     run_config = {
         **asdict(data_args), **asdict(model_args), **asdict(train_args), **asdict(out_args),
         # The model card names a hub dataset only when the data came from the hub.
-        "dataset_is_local": local_data,
-        "global_batch_size": global_batch, "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
-        "steps_per_epoch": plan.steps_per_epoch, "num_processes": accelerator.num_processes,
+        "dataset_is_local": data.is_local, "global_batch_size": global_batch, "total_steps": plan.total_steps,
+        "warmup_steps": plan.warmup_steps, "steps_per_epoch": plan.steps_per_epoch,
+        "num_processes": accelerator.num_processes,
     }
     accelerator.init_trackers("barlow_twins", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))})
     logger.info(
@@ -303,35 +195,24 @@ def train(
         f"{plan.warmup_steps} steps ({plan.warmup_source}).", main_process_only=True,
     )
 
-    def save_loadable_config(folder: Path) -> None:
-        # The checkpoint's model.safetensors has the model's own keys: with the config and image
-        # processor beside it, from_pretrained, barlow-eval and barlow-finetune load the folder.
-        config.save_pretrained(folder)
-        create_image_processor(config).save_pretrained(folder)
-
-    started, resumed_wall_time = time.perf_counter(), state.wall_time_s
-
-    def checkpoint() -> Path:
-        state.wall_time_s = round(resumed_wall_time + time.perf_counter() - started, 2)
-        return save_checkpoint(accelerator, output_dir, state, save_extra=save_loadable_config,
-                               save_total_limit=out_args.save_total_limit)
-
     # The loop: batches (agreed across processes), the step, logging, checkpoints, monitors.
+    knn = KnnMonitor.create(out_args, config, accelerator) if out_args.knn_eval_dataset else None
+    checkpoints = Checkpointer(accelerator, output_dir, state, config, out_args.save_total_limit)
     step = PretrainingStep(model, optimizer, accelerator)
     window = LossWindow(config.projector_dims[-1], global_batch, train_args.gradient_accumulation_steps)
     progress = tqdm(total=plan.total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc="pretraining")
     model.train()
-    with StopRequests() as stop:
+    with StopRequests() as stop, progress:
         batches = TrainingBatches(
-            stream, make_loader, train_args.per_device_train_batch_size, accelerator, state, stop,
+            data.stream, data.make_loader, train_args.per_device_train_batch_size, accelerator, state, stop,
             accumulation_steps=train_args.gradient_accumulation_steps,
             persistent_workers=data_args.dataloader_num_workers > 0,
-            on_epoch_end=checkpoint if out_args.checkpointing_steps == "epoch" else None,
+            on_epoch_end=checkpoints.save if out_args.checkpointing_steps == "epoch" else None,
         )
         try:
             for batch in batches if state.global_step < plan.total_steps else ():
-                out = step(*to_views(batch), state.global_step)
+                out = step(*data.to_views(batch), state.global_step)
                 if out is None:
                     continue
                 window.add(out)
@@ -344,52 +225,86 @@ def train(
                 if state.global_step % out_args.logging_steps == 0 or state.global_step == plan.total_steps:
                     metrics = _log(accelerator, window.read(batches.wait_seconds, scheduler.get_last_lr()), state,
                                    output_dir, progress)
-                if out_args.checkpointing_steps not in (None, "epoch") and state.global_step % int(out_args.checkpointing_steps) == 0:
-                    checkpoint()
+                if _every(out_args.checkpointing_steps, state.global_step):
+                    checkpoints.save()
                 if knn is not None and out_args.knn_eval_steps and state.global_step % out_args.knn_eval_steps == 0:
                     metrics["knn_top1"] = knn.evaluate(accelerator.unwrap_model(model).barlow_twins, state.global_step)
                 if state.global_step >= plan.total_steps:
                     break
         except NonFiniteLosses as error:
-            progress.close()
-            raise CommandFailed(f"{error}; saved {checkpoint()}. Lower the learning rates or use --mixed_precision no.") from None
-    progress.close()
+            raise CommandFailed(f"{error}; saved {checkpoints.save()}. Lower the learning rates or use "
+                                "--mixed_precision no.") from None
     if batches.stopped_by:
-        saved = checkpoint()
+        saved = checkpoints.save()
         print(f"Stopped by {batches.stopped_by} at step {state.global_step}. To resume:\n  {resume_command(argv or [])}",
               file=sys.stderr, flush=True)
         raise CommandFailed(f"stopped by {batches.stopped_by} at step {state.global_step}; saved {saved}.")
 
-    # Outputs: the model folder first, so that nothing after it can lose the trained model.
-    wall_time = time.perf_counter() - started
+    total_time = checkpoints.wall_time_s
     if out_args.checkpointing_steps:
-        checkpoint()
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        checkpoints.save()
     metrics.update(
         global_step=state.global_step, skipped_images=state.skipped_images,
         epochs=state.global_step / plan.steps_per_epoch if plan.steps_per_epoch else state.epoch,
-        wall_time_s=round(wall_time, 2),
         # With --resume_from_checkpoint, wall_time_s is this run's part and this the whole training's.
-        total_wall_time_s=round(resumed_wall_time + wall_time, 2),
+        wall_time_s=round(total_time - checkpoints.resumed_wall_time, 2), total_wall_time_s=round(total_time, 2),
     )
+    save_outputs(accelerator.unwrap_model(model, keep_torch_compile=False), metrics, run_config, output_dir, accelerator,
+                 knn, data, data_args, state.global_step)
+    accelerator.end_training()
+    return metrics
+
+
+def prepare_model(model_args: ModelArguments, train_args: PretrainingArguments, accelerator) -> BarlowTwinsForPreTraining:
+    """The model to train, with BatchNorm statistics global across processes (as the loss's are)."""
+    model = build_model(model_args)
+    if accelerator.num_processes > 1:
+        convert_to_global_batchnorm(model)
+        left = sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                       and not isinstance(m, GlobalBatchNorm)})
+        if left:
+            logger.warning(f"{', '.join(left)} keep per-process batch statistics: only plain BatchNorm layers are "
+                           "made global, so this run is not exactly a single process with the global batch.")
+    return model.to(memory_format=torch.channels_last if train_args.channels_last else torch.contiguous_format)
+
+
+def resume(accelerator, out_args: OutputArguments, config: BarlowTwinsConfig) -> tuple[TrainerState, dict]:
+    """Where the loop starts, and the metrics as they stood: a checkpoint's with
+    --resume_from_checkpoint (the log history cut back to its step), else a fresh start."""
+    output_dir = Path(out_args.output_dir)
+    if not out_args.resume_from_checkpoint:
+        if accelerator.is_main_process:
+            (output_dir / "log_history.jsonl").unlink(missing_ok=True)
+        return TrainerState(), {}
+    path, state = load_checkpoint(accelerator, out_args.resume_from_checkpoint, output_dir, _same_architecture(config))
+    metrics = truncate_history(output_dir / "log_history.jsonl", state.global_step) if accelerator.is_main_process else {}
+    logger.info(f"Resumed from {path} at step {state.global_step} (epoch {state.epoch}).", main_process_only=True)
+    return state, metrics
+
+
+def save_outputs(model, metrics: dict, run_config: dict, output_dir: Path, accelerator, knn, data, data_args, step: int) -> None:
+    """The model folder first, so that nothing after it can lose the trained model; then the
+    optional extras (the kNN monitor's last number, the C plot), whose failure is only logged."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
-        create_image_processor(unwrapped.config).save_pretrained(output_dir)
+        model.save_pretrained(output_dir)
+        create_image_processor(model.config).save_pretrained(output_dir)
         (output_dir / "training_args.json").write_text(json.dumps(run_config, indent=2, default=str))
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if knn is not None:
-        metrics["knn_top1"] = knn.evaluate(unwrapped.barlow_twins, state.global_step)
+        metrics["knn_top1"] = knn.evaluate(model.barlow_twins, step)
     try:
-        plot_held_out_cross_correlation(unwrapped, data_args, image_column, collator, to_views, accelerator,
+        plot_held_out_cross_correlation(model, data_args, data.image_column, data.collator, data.to_views, accelerator,
                                         output_dir / "cross_correlation.png")
     except (ValueError, OSError) as error:  # a picture is not worth losing the run over
         logger.warning(f"No cross-correlation plot: {error}")
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         logger.info(f"Saved the model, metrics and cross_correlation.png to {output_dir}.", main_process_only=True)
-    accelerator.end_training()
-    return metrics
+
+
+def _every(checkpointing_steps: str | None, step: int) -> bool:
+    return checkpointing_steps not in (None, "epoch") and step % int(checkpointing_steps) == 0
 
 
 def _log(accelerator: Accelerator, metrics: dict, state: TrainerState, output_dir: Path, progress) -> dict:

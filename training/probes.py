@@ -20,7 +20,7 @@ from torch import nn
 from .features import extract_features
 from .labelled_data import LabelledData
 from .optim import create_scheduler
-from .pretrained import PretrainedModel
+from .model_source import ModelSource
 
 __all__ = [
     "cached_features",
@@ -28,7 +28,6 @@ __all__ = [
     "fit_linear_head",
     "linear_head",
     "sgd_linear_probe",
-    "topk_accuracy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ def _cache_path(cache_dir: str | Path, key: dict) -> Path:
 
 def cached_features(
     encoder_fn: Callable[[], nn.Module],
-    model: PretrainedModel,
+    model: ModelSource,
     data: LabelledData,
     split: str,
     *,
@@ -90,7 +89,7 @@ def cached_features(
     return features, labels, False
 
 
-def _cache_key(model: PretrainedModel, data: LabelledData, split: str) -> dict:
+def _cache_key(model: ModelSource, data: LabelledData, split: str) -> dict:
     return {
         "version": CACHE_VERSION,
         "model": model.fingerprint,
@@ -104,25 +103,6 @@ def _cache_key(model: PretrainedModel, data: LabelledData, split: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ linear heads
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """{"top1"} and, with at least 5 classes, {"top5"}: fractions in [0, 1]."""
-    labels = labels.to(scores.device).long()
-    result = {"top1": (scores.argmax(1) == labels).double().mean().item()}
-    if scores.shape[1] >= 5:
-        result["top5"] = (scores.topk(5, dim=1).indices == labels[:, None]).any(1).double().mean().item()
-    return result
-
-
-def _topk_correct(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[top-1 correct, top-5 correct, count] as float64 sums."""
-    labels = labels.to(scores.device).long()
-    top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
-    return torch.tensor(
-        [(top5[:, 0] == labels).sum().item(), (top5 == labels[:, None]).any(1).sum().item(), labels.numel()],
-        dtype=torch.float64,
-    )
-
-
 def linear_head(num_features: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
     """The linear-evaluation head: weights N(0, 0.01), zero bias."""
     head = nn.Linear(num_features, num_classes)
@@ -197,7 +177,7 @@ def exact_linear_probe(
     train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, num_classes: int
 ) -> torch.Tensor:
     """Class probabilities (Q, C) of multinomial logistic regression (scikit-learn, L-BFGS, C=1)
-    on standardised features: the same fit as :func:`training.features.linear_probe_top1`.
+    on standardised features: a probe that needs no learning-rate schedule.
     Classes absent from the training labels get probability 0."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler

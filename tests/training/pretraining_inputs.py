@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 
 TINY = [
     "--backbone", "resnet18", "--backbone_kwargs", '{"channels": [8, 16, 16, 32]}', "--small_image_stem",
-    "--image_size", "16", "--projector_dims", "64-64", "--per_device_train_batch_size", "16",
+    "--image_size", "16", "--projector_dims", "64", "64", "--per_device_train_batch_size", "16",
     "--warmup_steps", "1", "--logging_steps", "1", "--shuffle_buffer_size", "64", "--seed", "3",
 ]
 

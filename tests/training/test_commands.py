@@ -213,7 +213,7 @@ def test_resume_skips_a_damaged_checkpoint_and_names_a_different_model(tmp_path,
     weights = run / "checkpoint-3" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a save cut short
     common = ["--dataset_name", str(parquet_folder), "--output_dir", str(run), "--resume_from_checkpoint", "latest"]
-    other = script("barlow-pretrain", *common, "--max_train_steps", 4, *_tiny(projector_dims="32-32"))
+    other = script("barlow-pretrain", *common, "--max_train_steps", 4, *TINY, "--projector_dims", "32", "32")
     assert other.returncode == USAGE and "projector_dims [64, 64] there, [32, 32] here" in other.stderr
     _no_traceback(other)
     resumed = script("barlow-pretrain", *common, "--max_train_steps", 4, *TINY)

@@ -6,6 +6,7 @@ LARS is checked against a hand-written version of the paper's update (the author
 
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -15,7 +16,6 @@ from training.optim import (
     create_optimizer,
     create_scheduler,
     split_parameter_groups,
-    warmup_cosine_lambda,
     warmup_steps_from_epochs,
 )
 
@@ -247,33 +247,15 @@ def test_trust_ratio_is_one_for_zero_weight():
 # ----------------------------------------------------------------------------- schedule
 
 FINAL = 0.001
-# T = 101 optimizer steps (0..100), 10 warm-up steps, cosine span 100 - 10 = 90 steps.
-T, W = 101, 10
-KEY_STEPS = {
-    0: 0.0,
-    5: 0.5,
-    10: 1.0,
-    40: FINAL + (1 - FINAL) * 0.75,  # a third of the cosine: cos(pi/3) = 0.5
-    55: (1 + FINAL) / 2,  # cosine midpoint
-    100: FINAL,  # last step
-    150: FINAL,  # past the end it stays at the floor
-}
+T, W = 101, 10  # optimizer steps 0..100, 10 of them warm-up
 
 
-def test_multiplier_at_key_steps():
-    f = warmup_cosine_lambda(T, W)
-    for step, expected in KEY_STEPS.items():
-        assert f(step) == pytest.approx(expected, rel=1e-12, abs=1e-15), step
-
-
-def test_multiplier_shape():
-    f = warmup_cosine_lambda(T, W)
-    warm = [f(s) for s in range(W + 1)]
-    decay = [f(s) for s in range(W, T)]
-    assert all(a < b for a, b in zip(warm, warm[1:]))
-    assert all(a > b for a, b in zip(decay, decay[1:]))
-    assert warmup_cosine_lambda(50, 0)(0) == 1.0  # no warm-up: start at the peak
-    assert warmup_cosine_lambda(1, 0)(0) == 1.0  # a single step runs at the peak
+def paper_multiplier(step: int, total: int = T, warmup: int = W) -> float:
+    """The authors' adjust_learning_rate (facebookresearch/barlowtwins, main.py), per unit of peak lr."""
+    if step < warmup:
+        return step / warmup
+    q = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+    return q + FINAL * (1 - q)
 
 
 def test_scheduler_sets_group_lrs_and_survives_state_dict():
@@ -288,9 +270,13 @@ def test_scheduler_sets_group_lrs_and_survives_state_dict():
         sched.step()
         if step == 60:
             state = sched.state_dict()
-    for step, mult in KEY_STEPS.items():
-        if step < T:
-            assert seen[step] == pytest.approx([p * mult for p in peaks], rel=1e-12, abs=1e-15)
+    for step in range(T):
+        assert seen[step] == pytest.approx([p * paper_multiplier(step) for p in peaks], rel=1e-12, abs=1e-15), step
+    assert seen[0] == [0.0, 0.0] and seen[W] == pytest.approx(list(peaks))
+    # A run with no warm-up starts at the peak, and decays towards 0.001 of it.
+    opt3 = create_optimizer(model, "sgd", 0.2, 0.0048, 0.0, global_batch_size=256)
+    create_scheduler(opt3, total_steps=5, warmup_steps=0)
+    assert [g["lr"] for g in opt3.param_groups] == pytest.approx([0.2, 0.0048])
 
     # Resume: a fresh optimizer + scheduler loading the step-60 state continue identically.
     opt2 = create_optimizer(model, "lars", 0.2, 0.0048, 1.5e-6, global_batch_size=512)
@@ -320,10 +306,9 @@ FROZEN = nn.Linear(2, 2).requires_grad_(False)
         (lambda: create_optimizer(ConvNet(), "lars", 0.2, 0.0048, 1e-6, 256, trust_coefficient=0), "trust_coefficient"),
         (lambda: split_parameter_groups(ConvNet(), -1.0, 0.1, 0.1), "weight_decay"),
         (lambda: split_parameter_groups(FROZEN, 0, 1, 1), "no trainable"),
-        (lambda: warmup_cosine_lambda(0, 0), "total_steps"),
-        (lambda: warmup_cosine_lambda(10, -1), "warmup_steps"),
-        (lambda: warmup_cosine_lambda(10, 11), "must not exceed"),
-        (lambda: warmup_cosine_lambda(10, 2, final_ratio=1.5), "final_ratio"),
+        (lambda: create_scheduler(torch.optim.SGD(ConvNet().parameters(), lr=1), 0, 0), "total_steps"),
+        (lambda: create_scheduler(torch.optim.SGD(ConvNet().parameters(), lr=1), 10, -1), "warmup_steps"),
+        (lambda: create_scheduler(torch.optim.SGD(ConvNet().parameters(), lr=1), 10, 2, 1.5), "final_ratio"),
         (lambda: create_scheduler(torch.optim.SGD(ConvNet().parameters(), lr=1), 5, 6), "exceed"),
         (lambda: warmup_steps_from_epochs(-1, 10), "warmup_epochs"),
         (lambda: warmup_steps_from_epochs(1, 0), "steps_per_epoch"),

@@ -134,7 +134,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
         table.shard(2, shard).to_parquet(str(data / f"train-{shard}.parquet"))
     # D = 256 against a global batch of 32: a per-process C or BatchNorm (N = 16) would roughly
     # double the off-diagonal term, which scales as D^2 / N.
-    base = ["--dataset_name", str(data), "--max_train_steps", "3", *TINY, "--projector_dims", "256-256"]
+    base = ["--dataset_name", str(data), "--max_train_steps", "3", *TINY, "--projector_dims", "256", "256"]
     two = _launch([*base, "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "16"], 2)
     assert two.returncode == 0, two.stderr[-3000:]
     one = _launch([*base, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "32"], 1)
@@ -165,7 +165,7 @@ def test_help_documents_every_option():
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--output_dir", "x", "--projector_dims", "8192-x"], "--projector_dims"),
+        (["--output_dir", "x", "--projector_dims", "8192-8192"], "--projector_dims"),
         (["--output_dir", "x", "--optimizer", "adam"], "invalid choice"),
         (["--projector_dims", "64"], "--output_dir is required"),
         (["--output_dir", "x", "--train_dir", "/no/such/folder"], "/no/such/folder"),
@@ -223,17 +223,17 @@ def test_hub_dataset_id_streams_from_the_local_cache_offline(tmp_path, monkeypat
 
 
 def test_crop_scale_blur_and_solarization_reach_the_augmentation(tmp_path, parquet_folder, monkeypatch):
-    import training.pretrain as pretrain_module
+    import training.pretraining_data as data_module
     from training.augment import BARLOW_TWINS_VIEW1, BARLOW_TWINS_VIEW2
 
     made = []
 
-    class RecordingTransform(pretrain_module.TwoViewTransform):
+    class RecordingTransform(data_module.TwoViewTransform):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append((self.view1.p, self.view2.p))
 
-    monkeypatch.setattr(pretrain_module, "TwoViewTransform", RecordingTransform)
+    monkeypatch.setattr(data_module, "TwoViewTransform", RecordingTransform)
     main(["--dataset_name", str(parquet_folder), "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1",
           "--blur_probability", "0", "0.5", "--solarization_probability", "0.25", "0", "--min_crop_scale", "0.3",
           *TINY])
@@ -362,16 +362,16 @@ def test_torch_compile_compiles_the_model_under_its_memory_budget_and_saves_it_u
 def test_loader_workers_start_once_and_every_epoch_is_complete(tmp_path, parquet_folder, monkeypatch):
     # 96 images in 4 shards, batch 16: 6 full batches per epoch. With workers, one loader with
     # persistent workers serves all epochs; each epoch must still deliver all 6 batches.
-    import training.pretrain as pretrain_module
+    import training.pretraining_data as data_module
 
     made = []
 
-    class RecordingLoader(pretrain_module.DataLoader):
+    class RecordingLoader(data_module.DataLoader):
         def __init__(self, *args, **kwargs):
             made.append(kwargs.get("persistent_workers"))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain_module, "DataLoader", RecordingLoader)
+    monkeypatch.setattr(data_module, "DataLoader", RecordingLoader)
     out = tmp_path / "run"
     metrics = pretrain(["--dataset_name", str(parquet_folder), "--no_streaming", "--output_dir", str(out),
                     "--num_train_epochs", "3", "--dataloader_num_workers", "2", *TINY])

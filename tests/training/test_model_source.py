@@ -1,4 +1,4 @@
-"""load_pretrained with a checkpoint saved in bf16 (as the GPU runs export encoders): the protocols
+"""load_model_source with a checkpoint saved in bf16 (as the GPU runs export encoders): the protocols
 get float32 weights, equal to the saved values, and barlow-eval runs on a CPU."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tests.cli import returning
 from training.evaluate import main
 
 evaluate = returning(main, "eval_results.json")
-from training.pretrained import load_pretrained
+from training.model_source import load_model_source
 
 TINY = {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 16, 32]}, "small_image_stem": True, "image_size": 16}
 
@@ -36,7 +36,7 @@ def test_bf16_checkpoint_gives_float32_models(bf16_folder, random_init):
     saved = load_file(bf16_folder / "model.safetensors")
     # The premise: weights stored in bf16 (BatchNorm's step counters are integers).
     assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.bfloat16}
-    source = load_pretrained(str(bf16_folder), random_init=random_init)
+    source = load_model_source(str(bf16_folder), random_init=random_init)
     encoder = source.encoder()
     classifier, head = source.classifier(["a", "b", "c"])
     for model in (encoder, classifier):

@@ -1,14 +1,14 @@
 """The model that barlow-eval and barlow-finetune start from.
 
-:func:`load_pretrained` reads ``--model_name_or_path`` (a pretraining, encoder or classifier
-folder, or a hub id) into a :class:`PretrainedModel`, which builds the frozen encoder or a
+:func:`load_model_source` reads ``--model_name_or_path`` (a pretraining, encoder or classifier
+folder, or a hub id) into a :class:`ModelSource`, which builds the frozen encoder or a
 classifier and knows the model's preprocessing.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +25,13 @@ from transformers import (
 from modeling_barlow import BarlowTwinsConfig, create_image_processor
 
 from .augment import supervised_train_transform
-from .monitor import eval_transform as barlow_eval_transform
+from .data import file_stamps
 
 __all__ = [
-    "PretrainedModel",
+    "ModelSource",
     "classification_head",
-    "load_pretrained",
+    "load_model_source",
+    "processor_transform",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ _WEIGHTS_DTYPE = torch.float32
 
 # ------------------------------------------------------------------------------------------ model
 @dataclass
-class PretrainedModel:
+class ModelSource:
     """A model given by ``--model_name_or_path``, and everything about it the protocols need.
 
     ``random_init`` builds the same architecture with fresh weights (seeded), for baselines.
@@ -86,10 +87,7 @@ class PretrainedModel:
 
     def eval_transform(self) -> Callable[[Any], torch.Tensor]:
         """PIL image -> (C, S, S), as the model's image processor (and so its pipelines) does."""
-        if self.is_barlow_twins:
-            return barlow_eval_transform(self.config)
-        processor = self.processor
-        return lambda image: processor(image, return_tensors="pt")["pixel_values"][0]
+        return processor_transform(self.processor)
 
     def train_transform(self, min_crop_scale: float = 0.08):
         """Random resized crop and flip at the model's resolution, normalised as it expects."""
@@ -136,6 +134,12 @@ class PretrainedModel:
             _check_no_missing(self.name, info, allowed={n for n, p in model.named_parameters() if id(p) in head_ids})
         _check_image_model(self.name, model)
         return model, head
+
+
+def processor_transform(processor: Any) -> Callable[[Any], torch.Tensor]:
+    """PIL image -> (C, S, S) through an image processor: evaluation sees exactly the preprocessing
+    that users of the saved model (and its pipelines) get."""
+    return lambda image: processor(image, return_tensors="pt")["pixel_values"][0]
 
 
 def _load(auto_class, name: str, **kwargs):
@@ -203,22 +207,16 @@ def _model_directory(name: str) -> tuple[Path, bool]:
         ) from error
 
 
-def _stat_files(paths: Iterable[Path], root: Path) -> list:
-    """(path relative to ``root``, size, mtime_ns) of each file, sorted: changes when any of them
-    is rewritten or replaced."""
-    return sorted([str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.is_file())
-
-
 def _model_files(folder: Path) -> list:
     """The files from_pretrained reads: config.json and the weights (not metrics or checkpoints)."""
-    return _stat_files(
+    return file_stamps(
         (p for p in folder.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin")
          or p.name.endswith(".safetensors.index.json")),
         folder,
     )
 
 
-def load_pretrained(name: str, random_init: bool = False, seed: int = 42) -> PretrainedModel:
+def load_model_source(name: str, random_init: bool = False, seed: int = 42) -> ModelSource:
     """Resolve ``--model_name_or_path``: its config, image processor and a fingerprint of its
     weights (local folder: path, sizes and modification times; hub: the snapshot's commit).
 
@@ -245,4 +243,4 @@ def load_pretrained(name: str, random_init: bool = False, seed: int = 42) -> Pre
         fingerprint = {"hub": name, "snapshot": directory.name}
     if random_init:
         fingerprint = {"random_init": True, "seed": seed, "config": config.to_dict()}
-    return PretrainedModel(name, config, processor, fingerprint, random_init, seed)
+    return ModelSource(name, config, processor, fingerprint, random_init, seed)

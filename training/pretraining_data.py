@@ -1,0 +1,122 @@
+"""The pretraining data of one process: its shard of the stream, the two views, the loaders, and
+the dataset's size for the schedule.
+
+    dataset -> prepare_stream (this process's shard, undecoded) -> DataLoader(TwoViewCollator) ->
+    to_views (to the device; colour, blur and solarisation there with --augment_on_device)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from barlow_cli import UsageError
+from modeling_barlow import BarlowTwinsConfig
+
+from .arguments import DataArguments, PretrainingArguments
+from .augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTransform
+from .collate import TwoViewCollator
+from .data import count_examples, is_local_source, load_image_dataset, prepare_stream, resolve_image_column
+from .signals import ignore_interrupts
+
+__all__ = ["PretrainingData", "load_pretraining_data"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainingData:
+    """What the loop needs of the data.
+
+    Attributes:
+        stream: this process's shard of the training split (``set_epoch`` before every epoch).
+        collator: undecoded examples -> ``{"pixel_values", "pixel_values_2"}`` (B, C, H, W) each,
+            and ``"num_skipped"`` (unreadable images left out).
+        num_examples: the split's size (after ``--max_train_samples``), or None when unknown.
+        is_local: whether the data came from this machine rather than the hub.
+    """
+
+    dataset: Any
+    image_column: str
+    stream: datasets.IterableDataset
+    collator: TwoViewCollator
+    num_examples: int | None
+    is_local: bool
+    accelerator: Accelerator
+    data_args: DataArguments
+    train_args: PretrainingArguments
+    device_augment: TwoViewBatchAugmentation | None = None
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    def make_loader(self, stream: datasets.IterableDataset, persistent: bool, epoch: int) -> DataLoader:
+        """A loader of collated batches over ``stream``; ``persistent`` keeps its workers between epochs."""
+        return DataLoader(
+            stream, batch_size=self.train_args.per_device_train_batch_size, collate_fn=self.collator,
+            # Short batches are kept and merged by whole_batches: each worker ends an epoch with one.
+            num_workers=self.data_args.dataloader_num_workers, drop_last=False, persistent_workers=persistent,
+            pin_memory=self.accelerator.device.type == "cuda",  # lets to_views copy without blocking
+            worker_init_fn=ignore_interrupts,
+            # Its own generator: creating the loader must not draw from the global RNG, or a resumed
+            # run's augmentations would differ from an uninterrupted one's.
+            generator=torch.Generator().manual_seed(self.train_args.seed + epoch),
+        )
+
+    def to_views(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A collated batch -> the two model inputs (B, C, H, W) on the device, augmented there if asked."""
+        device = self.accelerator.device
+        view_1 = batch["pixel_values"].to(device, non_blocking=True)
+        view_2 = batch["pixel_values_2"].to(device, non_blocking=True)
+        if self.device_augment is not None:
+            with torch.no_grad():
+                view_1, view_2 = self.device_augment(view_1, view_2)
+        return view_1.contiguous(memory_format=self.memory_format), view_2.contiguous(memory_format=self.memory_format)
+
+
+def load_pretraining_data(
+    data_args: DataArguments, train_args: PretrainingArguments, config: BarlowTwinsConfig, accelerator: Accelerator
+) -> PretrainingData:
+    """Load the training split, this process's shard of it, and the two views' transforms."""
+    dataset = load_image_dataset(
+        data_args.dataset_name, data_args.dataset_config_name, data_args.train_split,
+        data_args.train_dir, data_args.streaming, data_args.cache_dir,
+    )
+    try:
+        image_column = resolve_image_column(dataset, data_args.image_column)
+    except ValueError as error:  # the fix is an option: --image_column
+        raise UsageError(str(error)) from None
+    stream = prepare_stream(
+        dataset, image_column, seed=train_args.seed, shuffle_buffer_size=data_args.shuffle_buffer_size,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        max_samples=data_args.max_train_samples,
+    )
+    interpolation = v2.InterpolationMode(config.interpolation)
+    view_params = train_args.view_params()
+    device_augment = None
+    if train_args.augment_on_device:
+        transform = TwoViewCropTransform(config.image_size, config.num_channels, interpolation, view_params)
+        device_augment = TwoViewBatchAugmentation(config.image_mean, config.image_std, view_params).to(accelerator.device)
+    else:
+        transform = TwoViewTransform(
+            config.image_size, config.image_mean, config.image_std, config.num_channels, interpolation, view_params
+        )
+    is_local = is_local_source(data_args.dataset_name, data_args.train_dir)
+    num_examples = count_examples(dataset, data_args.train_split)
+    if num_examples is None and is_local:
+        # Local files that record no size (parquet, imagefolder streams): one pass of undecoded reads,
+        # so that epochs (and the paper's warm-up in epochs) resolve.
+        logger.info("Counting the training examples (the dataset records no size)...")
+        num_examples = sum(1 for _ in prepare_stream(dataset, image_column, shuffle=False))
+    if num_examples is not None and data_args.max_train_samples:
+        num_examples = min(num_examples, data_args.max_train_samples)
+    return PretrainingData(
+        dataset, image_column, stream, TwoViewCollator(transform, image_column, config.num_channels), num_examples,
+        is_local, accelerator, data_args, train_args, device_augment,
+        torch.channels_last if train_args.channels_last else torch.contiguous_format,
+    )
