@@ -14,6 +14,7 @@ collators and image decoding are in ``collate.py``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -236,11 +237,12 @@ def prepare_stream(
     num_processes: int = 1,
     max_samples: int | None = None,
     shuffle: bool = True,
+    keep_columns: Sequence[str] = (),
 ) -> datasets.IterableDataset:
     """This process's share of ``dataset``: an ``IterableDataset`` of undecoded images.
 
     Steps: to iterable (map-style: a multiple of ``num_processes`` shards) -> keep the image (and
-    label) column -> ``Image(decode=False)``, so examples carry ``{"bytes", "path"}`` -> take
+    label, and ``keep_columns``) column -> ``Image(decode=False)``, so examples carry ``{"bytes", "path"}`` -> take
     ``max_samples`` (a global cap on the count, the same subset every epoch; when processes split
     by shard, datasets spreads the cap over the shards, so which examples are kept depends on the
     number of processes) -> buffer shuffle with ``seed`` -> ``split_dataset_by_node``, once.
@@ -258,7 +260,8 @@ def prepare_stream(
         raise ValueError("The dataset is already split by node; prepare_stream shards it (exactly once)")
     if isinstance(dataset, datasets.Dataset):
         dataset = dataset.to_iterable_dataset(num_shards=_num_shards_for(len(dataset), num_processes))
-    columns, present = [image_column] + ([label_column] if label_column else []), _columns(dataset)
+    columns = list(dict.fromkeys([image_column, *([label_column] if label_column else []), *keep_columns]))
+    present = _columns(dataset)
     if any(c not in present for c in columns):
         raise ValueError(f"Columns {columns} not all found; the dataset has columns {present}")
     dataset = dataset.select_columns(columns)
