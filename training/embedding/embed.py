@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -70,7 +71,7 @@ class EmbeddingArguments:
                                                                 "becomes a dot product). Search normalises either way."})
     keep_columns: list[str] = field(default_factory=list, metadata={"help": "Source columns to store beside each "
                                                                             "embedding (the label always is)."})
-    rows_per_shard: int = field(default=10_000, metadata={"help": "Embeddings per parquet shard: what a resumed run "
+    rows_per_shard: int = field(default=10_000, metadata={"help": "Embeddings per parquet shard (a shard closes at the first batch that reaches it): what a resumed run "
                                                                   "may redo, and what is held in memory."})
     mixed_precision: str = field(default="no", metadata={"help": "Run the model under bf16 or fp16 autocast "
                                                                  "(embeddings are stored as --embedding_dtype).",
@@ -79,8 +80,9 @@ class EmbeddingArguments:
                                                                  "with bf16/fp16 and with oneDNN on CPUs."})
     torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile (the first "
                                                                  "batches are slow while it compiles)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an earlier, different embedding in "
-                                                                        "--output_dir (the same command resumes it)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace the earlier embedding in --output_dir "
+                                                                        "(without it, the same command resumes it and a "
+                                                                        "different one is refused)."})
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -139,12 +141,12 @@ def _prepare_folder(args: EmbeddingArguments, settings: dict, state) -> bool:
     folder = Path(args.output_dir)
     run_file = folder / RUN_FILE
     earlier = json.loads(run_file.read_text()) if run_file.is_file() else None
-    resume = earlier == settings
-    if earlier is not None and not resume and not args.overwrite_output_dir:
+    resume = earlier == settings and not args.overwrite_output_dir
+    if earlier is not None and earlier != settings and not args.overwrite_output_dir:
         changed = sorted(k for k in set(earlier) | set(settings) if earlier.get(k) != settings.get(k))
         raise UsageError(f"--output_dir {folder} holds an embedding made with other settings ({', '.join(changed)} "
                          "differ). Choose another folder, or pass --overwrite_output_dir to replace it.")
-    prepare_output_dir(folder, RUN_FILES, overwrite=args.overwrite_output_dir and not resume, resume=resume,
+    prepare_output_dir(folder, RUN_FILES, overwrite=args.overwrite_output_dir, resume=resume,
                        resume_hint="run the command that made it again to resume it")
     state.wait_for_everyone()
     if state.is_main_process:
@@ -163,7 +165,9 @@ def embed(args: EmbeddingArguments, data_args: DataArguments) -> dict:
     """Embed the split; returns the contents of embedding_info.json."""
     from accelerate import PartialState
 
-    state = PartialState()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # Without a GPU, accelerate takes several launched processes as one gloo job only when told so.
+    state = PartialState(cpu=launched > 1 and not torch.cuda.is_available())
     started = time.perf_counter()
     encoder = load_encoder(args.model_name_or_path)
     source = open_source(data_args, args.keep_columns)
@@ -186,7 +190,8 @@ def embed(args: EmbeddingArguments, data_args: DataArguments) -> dict:
     total = None
     if source.num_examples is not None:
         total = max(0, source.num_examples - len(done)) // state.num_processes
-    skipped = 0
+    skipped = processed = 0
+    loop_started = time.perf_counter()
     from tqdm.auto import tqdm
 
     with tqdm(total=total, unit="img", desc="embedding", disable=not state.is_local_main_process,
@@ -200,17 +205,16 @@ def embed(args: EmbeddingArguments, data_args: DataArguments) -> dict:
                 vectors = embeddings.cpu().numpy()
             writer.add(vectors, batch["columns"], batch["skipped"])
             skipped += len(batch["skipped"])
+            processed += len(vectors) + len(batch["skipped"])
             bar.update(len(vectors) + len(batch["skipped"]))
             bar.set_postfix(skipped=skipped, refresh=False)
         writer.close()
+    loop_s = time.perf_counter() - loop_started
     state.wait_for_everyone()
 
     info = None
     if state.is_main_process:
         summary = summarize(args.output_dir)
-        if summary["count"] == 0:
-            raise CommandFailed(f"No image could be embedded ({summary['skipped']} unreadable); {args.output_dir} "
-                                "holds no embeddings.")
         elapsed = time.perf_counter() - started
         info = {
             "model": encoder.name, "model_identity": encoder.identity, "dimension": encoder.dimension,
@@ -222,13 +226,19 @@ def embed(args: EmbeddingArguments, data_args: DataArguments) -> dict:
                        "dataset_config_name": data_args.dataset_config_name, "root": source.root},
             "shards": summary["shards"], "num_processes": state.num_processes, "resumed": resume,
             "mixed_precision": args.mixed_precision, "wall_time_s": round(elapsed, 2),
+            # This run's reading, decoding, preprocessing, forward and writing, on the main process.
+            "embedding_loop_s": round(loop_s, 2), "images_per_second": round(processed / loop_s, 1) if loop_s else None,
             "command": shlex.join(["barlow-embed", *sys.argv[1:]]),
         }
         write_json_atomically(Path(args.output_dir) / INFO_FILE, info)
         logger.info(f"Embedded {info['count']} images ({info['skipped']} unreadable, skipped) into {args.output_dir} "
                     f"in {elapsed:.1f} s.")
     state.wait_for_everyone()
-    return info if info is not None else read_info(args.output_dir)
+    info = info if info is not None else read_info(args.output_dir)
+    if info["count"] == 0:
+        raise CommandFailed(f"No image could be embedded ({info['skipped']} unreadable); {args.output_dir} holds no "
+                            "embeddings.")
+    return info
 
 
 def main(argv: list[str] | None = None) -> None:

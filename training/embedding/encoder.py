@@ -61,12 +61,13 @@ class ImageEncoder:
     dimension: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
     _pooled: Callable[[Any], torch.Tensor | None] = lambda output: output
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.to(self.device, non_blocking=True)
-        if next(self.module.parameters()).is_contiguous(memory_format=torch.channels_last):
+        if self.channels_last:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             output = self.module(pixel_values)
@@ -90,6 +91,7 @@ class ImageEncoder:
         self.module = self.module.to(self.device)
         if channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
         if compile:
             self.module = torch.compile(self.module)
         self.autocast_dtype = autocast_dtype

@@ -30,12 +30,16 @@ import torch.nn.functional as F
 
 from .store import read_embeddings, read_info
 
-__all__ = ["EmbeddingIndex", "exact_top_k", "faiss_available", "near_duplicates"]
+__all__ = ["EmbeddingIndex", "ModelMismatchError", "exact_top_k", "faiss_available", "near_duplicates"]
 
 logger = logging.getLogger(__name__)
 
 QUERY_CHUNK = 1024
 INDEX_CHUNK = 16384
+
+
+class ModelMismatchError(ValueError):
+    """The queries would be embedded with another model than the one that made the index."""
 
 
 def faiss_available() -> bool:
@@ -164,7 +168,12 @@ class EmbeddingIndex:
 
     def hits(self, scores: torch.Tensor, rows: torch.Tensor) -> list[list[dict[str, Any]]]:
         """Search results as JSON-ready hits: per query, ``{key, "score", label, kept...}``, best first."""
-        return [[{**self.row(r), "score": round(float(s), 6)} for s, r in zip(q_scores.tolist(), q_rows.tolist()) if r >= 0]
+        def hit(score: float, row: int) -> dict[str, Any]:
+            values = self.row(row)
+            return {self.key: values.pop(self.key), "score": round(score, 6), **values}
+
+        # FAISS marks missing neighbours (fewer than k vectors) with row -1.
+        return [[hit(s, r) for s, r in zip(q_scores.tolist(), q_rows.tolist()) if r >= 0]
                 for q_scores, q_rows in zip(scores, rows)]
 
     def duplicates(self, threshold: float) -> list[tuple[int, int, float]]:
@@ -188,7 +197,7 @@ class EmbeddingIndex:
         """ValueError naming both models when ``encoder`` is not the model that made the index."""
         recorded, identity = self.info["model"], self.info.get("model_identity")
         if encoder.identity != identity or encoder.pooling != self.info.get("pooling"):
-            raise ValueError(
+            raise ModelMismatchError(
                 f"The index {self.folder or ''} was made with {recorded}, but the queries would be embedded with "
                 f"{encoder.name}{' (whose weights have changed since)' if encoder.name == recorded else ''}: their "
                 "vectors are not comparable. Search with the model that made the index, or embed the dataset again "

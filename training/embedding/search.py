@@ -93,7 +93,7 @@ def _write(results, output_file: str | None) -> None:
 
 
 def search(args: SearchArguments) -> None:
-    from .index import EmbeddingIndex, faiss_available
+    from .index import EmbeddingIndex, ModelMismatchError, faiss_available
 
     if not Path(args.index_dir).is_dir():
         raise UsageError(f"--index_dir {args.index_dir}: no such folder.")
@@ -119,10 +119,8 @@ def search(args: SearchArguments) -> None:
     if args.query:
         try:
             encoder = index.encoder(args.model_name_or_path)
-        except ValueError as error:
-            if "not comparable" in str(error):
-                raise UsageError(str(error)) from None
-            raise
+        except ModelMismatchError as error:  # --model_name_or_path names another model: exit status 2
+            raise UsageError(str(error)) from None
         from .source import read_query_images
 
         images = read_query_images(args.query, encoder.mode)
