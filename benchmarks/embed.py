@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import alternate, median, timed, write_result  # noqa: E402
+from common import RESULTS_DIR, alternate, median, timed, write_result  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -165,6 +165,27 @@ def search_latency(dimension: int, runs: int, sizes: tuple[int, ...] = (60_000, 
     return out
 
 
+PARTS = ("throughput", "memory", "quality", "latency")
+DETAIL_KEYS = ("pipeline_ratio", "images_per_second", "images_per_second_runs", "throughput_settings", "peak_rss_bytes",
+               "peak_rss_growth_10k_to_60k", "retrieval", "pretrained_encoder", "search_latency_s", "search_settings",
+               "measured", "cpu_flags", "targets")
+
+
+def _random_init_folder(args) -> str:
+    if args.random_init_dir:
+        return args.random_init_dir
+    from transformers import AutoConfig
+
+    from modeling_barlow import BarlowTwinsForPreTraining, create_image_processor
+
+    folder = str(args.work_dir / "random_init")
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(args.model_dir)
+    BarlowTwinsForPreTraining(config).save_pretrained(folder)
+    create_image_processor(config).save_pretrained(folder)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", required=True, help="a barlow-pretrain output folder (the pretrained encoder)")
@@ -176,6 +197,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--max_images", type=int, default=10_000, help="images in the throughput comparison")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to measure; the other parts' numbers already in the results file are kept")
     parser.add_argument("--pretrained_description", default="", help="what the pretrained encoder is, for the record")
     parser.add_argument("--smoke", action="store_true", help="a few thousand images: checks the plumbing, writes "
                                                              "WORK_DIR/embed.json only")
@@ -189,61 +212,78 @@ def main() -> None:
         from fashion_mnist import IDX_DIR, convert
 
         args.data_dir = convert(IDX_DIR, args.work_dir / "data")
+    results_dir = args.work_dir if args.smoke else RESULTS_DIR
+    earlier = json.loads((results_dir / "embed.json").read_text()) if (results_dir / "embed.json").is_file() else {}
+    details = {k: v for k, v in earlier.get("details", {}).items() if k in DETAIL_KEYS}
+    details.setdefault("measured", {})
+    if earlier and "measured" not in earlier.get("details", {}):  # a file from before --parts: when its parts ran
+        for part, key in (("throughput", "images_per_second"), ("memory", "peak_rss_bytes"), ("quality", "retrieval"),
+                          ("latency", "search_latency_s")):
+            if key in details:
+                details["measured"][part] = {"date": earlier["date"], "command": earlier["command"],
+                                             "load_average": earlier["details"].get("load_average_at_end")}
     started = time.time()
+    dimension = None
 
-    speed = throughput(args, args.model_dir, args.work_dir)
-    print(json.dumps(speed, indent=2), flush=True)
+    if "throughput" in args.parts:
+        speed = throughput(args, args.model_dir, args.work_dir)
+        print(json.dumps(speed, indent=2), flush=True)
+        details.update({
+            "pipeline_ratio": round(speed["barlow_embed"] / speed["pipeline"], 4),
+            "images_per_second": {k: round(v, 1) for k, v in speed.items() if k != "runs"},
+            "images_per_second_runs": speed["runs"],
+            "throughput_settings": {"threads": args.threads, "dataloader_num_workers": args.workers,
+                                    "batch_size": args.batch_size, "images": args.max_images, "runs": args.runs},
+        })
 
-    # Memory and quality: the whole train split (60k) and the test split, and a 10k run.
-    quality, rss = {}, {}
-    small = run_embed(args.model_dir, args.data_dir, args.work_dir / "train_10k", "train", args.threads, args.workers,
-                      args.batch_size, caps["small"])
-    rss["10k_images"] = small["peak_rss_bytes"]
-    random_dir = args.random_init_dir or str(args.work_dir / "random_init")
-    if not args.random_init_dir:
-        from modeling_barlow import BarlowTwinsForPreTraining, create_image_processor
-        from transformers import AutoConfig
+    if "memory" in args.parts:
+        rss = {}
+        for label, cap, name in (("10k_images", caps["small"], "train_10k"), ("60k_images", caps["train"], "train_60k")):
+            measured = run_embed(args.model_dir, args.data_dir, args.work_dir / name, "train", args.threads,
+                                 args.workers, args.batch_size, cap)
+            rss[label], dimension = measured["peak_rss_bytes"], measured["dimension"]
+        details.update({"peak_rss_bytes": rss, "peak_rss_growth_10k_to_60k": round(rss["60k_images"] / rss["10k_images"] - 1, 4)})
+        print(json.dumps(rss), flush=True)
 
-        torch.manual_seed(0)
-        config = AutoConfig.from_pretrained(args.model_dir)
-        BarlowTwinsForPreTraining(config).save_pretrained(random_dir)
-        create_image_processor(config).save_pretrained(random_dir)
-    for name, model in (("pretrained", args.model_dir), ("random_init", random_dir)):
-        train_info = run_embed(model, args.data_dir, args.work_dir / f"{name}_train", "train", args.threads,
-                               args.workers, args.batch_size, caps["train"])
-        run_embed(model, args.data_dir, args.work_dir / f"{name}_test", "test", args.threads, args.workers,
-                  args.batch_size, caps["test"])
-        if name == "pretrained":
-            rss["60k_images"] = train_info["peak_rss_bytes"]
-            dimension = train_info["dimension"]
-        quality[name] = retrieval(*embedded(args.work_dir / f"{name}_train"), *embedded(args.work_dir / f"{name}_test"))
-        print(name, quality[name], flush=True)
-    train, test = load_split(args.data_dir, "train", caps["train"]), load_split(args.data_dir, "test", caps["test"])
-    pixels = lambda t: np.stack([np.asarray(im, np.float32).reshape(-1) for im in t["image"]])  # noqa: E731
-    quality["raw_pixels"] = retrieval(pixels(train), np.asarray(train["label"]), pixels(test), np.asarray(test["label"]))
-    print("raw_pixels", quality["raw_pixels"], flush=True)
+    if "quality" in args.parts:
+        quality = {}
+        for name, model in (("pretrained", args.model_dir), ("random_init", _random_init_folder(args))):
+            for split in ("train", "test"):
+                measured = run_embed(model, args.data_dir, args.work_dir / f"{name}_{split}", split, args.threads,
+                                     args.workers, args.batch_size, caps[split])
+                dimension = measured["dimension"]
+            quality[name] = retrieval(*embedded(args.work_dir / f"{name}_train"), *embedded(args.work_dir / f"{name}_test"))
+            print(name, quality[name], flush=True)
+        train, test = load_split(args.data_dir, "train", caps["train"]), load_split(args.data_dir, "test", caps["test"])
+        pixels = lambda t: np.stack([np.asarray(im, np.float32).reshape(-1) for im in t["image"]])  # noqa: E731
+        quality["raw_pixels"] = retrieval(pixels(train), np.asarray(train["label"]), pixels(test), np.asarray(test["label"]))
+        print("raw_pixels", quality["raw_pixels"], flush=True)
+        details.update({"retrieval": quality, "pretrained_encoder": args.pretrained_description or args.model_dir})
 
-    latency = search_latency(dimension, args.runs, caps["sizes"])
-    print(json.dumps(latency, indent=2), flush=True)
+    if "latency" in args.parts:
+        if dimension is None:
+            dimension = load_dimension(args.model_dir)
+        details["search_latency_s"] = search_latency(dimension, args.runs, caps["sizes"])
+        details["search_settings"] = {"k": 10, "runs": args.runs, "dimension": dimension,
+                                      "faiss_index": "IndexFlatIP (factory 'Flat')"}
+        print(json.dumps(details["search_latency_s"], indent=2), flush=True)
 
-    growth = rss["60k_images"] / rss["10k_images"] - 1
-    details = {
-        "pipeline_ratio": round(speed["barlow_embed"] / speed["pipeline"], 4),
-        "images_per_second": {k: round(v, 1) for k, v in speed.items() if k != "runs"},
-        "images_per_second_runs": speed["runs"],
-        "peak_rss_bytes": rss, "peak_rss_growth_10k_to_60k": round(growth, 4),
-        "search_latency_s": latency, "retrieval": quality,
-        "settings": {"threads": args.threads, "dataloader_num_workers": args.workers, "batch_size": args.batch_size,
-                     "throughput_images": args.max_images, "runs": args.runs, "k": 10},
-        "pretrained_encoder": args.pretrained_description or args.model_dir,
-        "cpu_flags": cpu_flags(),
-        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
-        "wall_time_s": round(time.time() - started, 1),
-        "targets": {"ratio": ">= 0.9", "pipeline_ratio": ">= 1.5", "peak_rss_growth_10k_to_60k": "<= 0.10"},
-    }
-    write_result("embed", ours=speed["barlow_embed"], baseline=speed["in_memory_forward"], unit="images/s",
-                 higher_is_better=True, target="ratio >= 0.9", details=details,
-                 **({"results_dir": args.work_dir} if args.smoke else {}))
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for part in args.parts:
+        details["measured"][part] = {"date": when, "load_average": [round(v, 2) for v in os.getloadavg()],
+                                     "command": " ".join(sys.argv)}
+    details.update({"cpu_flags": cpu_flags(),
+                    "targets": {"ratio": ">= 0.9", "pipeline_ratio": ">= 1.5", "peak_rss_growth_10k_to_60k": "<= 0.10"}})
+    details["wall_time_s_last_run"] = round(time.time() - started, 1)
+    rates = details.get("images_per_second", {})
+    write_result("embed", ours=rates.get("barlow_embed", 0.0), baseline=rates.get("in_memory_forward", 1.0),
+                 unit="images/s", higher_is_better=True, target="ratio >= 0.9", details=details, results_dir=results_dir)
+
+
+def load_dimension(model_dir: str) -> int:
+    from training.embedding.encoder import load_encoder
+
+    return load_encoder(model_dir).dimension
 
 
 if __name__ == "__main__":

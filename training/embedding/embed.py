@@ -99,6 +99,7 @@ class EmbeddingDataArguments(DataArguments):
     """Where the images come from (barlow-pretrain's options). With none, scikit-learn's digits."""
 
     train_split: str = field(default="train", metadata={"help": "The split to embed."})
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Not used: the split is read in its own order."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Embed only the split's first N examples."})
 
 
