@@ -161,30 +161,26 @@ def _keyed_examples(
     for number, start, size in shards:
         if max_samples is not None and start >= max_samples:
             continue
-        if isinstance(dataset, datasets.Dataset):
-            part = dataset.select(range(start, start + size))
-        else:
-            part = dataset.shard(num_shards, number)
-        index = start
-        for batch in part.iter(_READ_BATCH):
-            names = list(batch)
-            for values in zip(*batch.values()):
-                if max_samples is not None and index >= max_samples:
-                    break
-                example = dict(zip(names, values))
-                example[INDEX_COLUMN] = index
-                index += 1
-                if root is not None:
-                    path = example[image_column].get("path") if isinstance(example[image_column], dict) else None
-                    example[PATH_COLUMN] = os.path.relpath(path, root) if path else None
-                    if example[PATH_COLUMN] in done:
-                        continue
-                elif example[INDEX_COLUMN] in done:
-                    continue
-                yield example
-            else:
+        part = dataset.select(range(start, start + size)) if isinstance(dataset, datasets.Dataset) else \
+            dataset.shard(num_shards, number)
+        for index, example in enumerate(_rows(part), start=start):
+            if max_samples is not None and index >= max_samples:
+                break
+            example[INDEX_COLUMN] = index
+            if root is not None:
+                value = example[image_column]
+                path = value.get("path") if isinstance(value, dict) else None
+                example[PATH_COLUMN] = os.path.relpath(path, root) if path else None
+            if example[PATH_COLUMN if root is not None else INDEX_COLUMN] in done:
                 continue
-            break
+            yield example
+
+
+def _rows(part) -> Iterator[dict]:
+    for batch in part.iter(_READ_BATCH):
+        names = list(batch)
+        for values in zip(*batch.values()):
+            yield dict(zip(names, values))
 
 
 def keyed_stream(
