@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import RESULTS_DIR, alternate, median, timed, write_result  # noqa: E402
+from common import MEMORY_WORKER_ENV, RESULTS_DIR, alternate, median, timed, write_result  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -54,7 +54,7 @@ def cpu_flags() -> dict:
 
 
 def run_embed(model: str, data: Path, out: Path, split: str, threads: int, workers: int, batch: int,
-              max_samples: int | None = None) -> dict:
+              max_samples: int | None = None, memory_env: bool = False) -> dict:
     """barlow-embed in a fresh process; its embedding_info.json and its peak RSS (bytes, main process)."""
     args = [str(BIN / "barlow-embed"), "--model_name_or_path", model, "--dataset_name", str(data), "--train_split",
             split, "--output_dir", str(out), "--overwrite_output_dir", "--per_device_eval_batch_size", str(batch),
@@ -62,7 +62,11 @@ def run_embed(model: str, data: Path, out: Path, split: str, threads: int, worke
     # The wrapper reports the largest resident set among its waited-for children: the command itself.
     wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    # The project's memory method (common.MEMORY_WORKER_ENV): a fixed glibc mmap threshold, so freed tensors leave
+    # the resident set and the peak follows live memory rather than the allocator's history.
+    # Only for the memory part: a process's speed is measured as users run it.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+           **(MEMORY_WORKER_ENV if memory_env else {})}
     result = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
@@ -240,7 +244,7 @@ def main() -> None:
         rss = {}
         for label, cap, name in (("10k_images", caps["small"], "train_10k"), ("60k_images", caps["train"], "train_60k")):
             measured = run_embed(args.model_dir, args.data_dir, args.work_dir / name, "train", args.threads,
-                                 args.workers, args.batch_size, cap)
+                                 args.workers, args.batch_size, cap, memory_env=True)
             rss[label], dimension = measured["peak_rss_bytes"], measured["dimension"]
         details.update({"peak_rss_bytes": rss, "peak_rss_growth_10k_to_60k": round(rss["60k_images"] / rss["10k_images"] - 1, 4)})
         print(json.dumps(rss), flush=True)

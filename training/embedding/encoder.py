@@ -167,7 +167,7 @@ def _transformers_encoder(name: str) -> ImageEncoder:
             # The same pixels as the PIL images, as (C, H, W) uint8 tensors and, when the sizes agree,
             # one (B, C, H, W) batch: the processor then resizes and normalises the batch in one call
             # (15% faster on 28 px images) instead of image by image.
-            tensors = [torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images]
+            tensors = [torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images]
             batch = torch.stack(tensors) if len({t.shape for t in tensors}) == 1 else tensors
             return processor(batch, return_tensors="pt")["pixel_values"].float()
         return processor(list(images), return_tensors="pt")["pixel_values"].float()
