@@ -15,7 +15,15 @@ $(STAMP): setup.py constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# The web demo's test drives Debian's chromium (nothing downloaded); installed when running as root.
+TEST_STAMP := $(VENV)/.installed-test
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,index,demo]"
+	if [ "$$(id -u)" = 0 ] && ! command -v chromedriver >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 demo: $(STAMP)

@@ -36,6 +36,10 @@ setup(
         "tracking": ["tensorboard>=2.14"],
         # The peer library the benchmarks compare against (benchmarks/train_step_cpu.py, benchmarks/loss.py).
         "bench": ["lightly==1.6.0"],
+        # barlow-search --backend faiss (training/embedding/index.py); exact search needs nothing more.
+        "index": ["faiss-cpu>=1.8"],
+        # barlow-search --serve, and the browser test that drives it (with Debian's chromium and chromedriver).
+        "demo": ["gradio>=5.0", "selenium>=4.20"],
     },
     entry_points={
         "console_scripts": [
@@ -44,6 +48,8 @@ setup(
             "barlow-finetune=training.finetune:main",
             "barlow-publish=hub.publish:main",
             "barlow-convert=hub.convert_official:main",
+            "barlow-embed=training.embedding.embed:main",
+            "barlow-search=training.embedding.search:main",
         ],
     },
     classifiers=[

@@ -26,7 +26,22 @@ __all__ = [
     "ModelArguments",
     "OutputArguments",
     "PretrainingArguments",
+    "shared_field",
 ]
+
+
+def shared_field(owner: type, name: str, **changes: Any) -> Any:
+    """The dataclass field `name` of `owner`, again for another CLI: its help and choices, and its
+    default unless `default=` (or `help=`) is given."""
+    original = owner.__dataclass_fields__[name]
+    metadata = dict(original.metadata)
+    if "help" in changes:
+        metadata["help"] = changes.pop("help")
+    if "default" in changes:
+        return field(default=changes.pop("default"), metadata=metadata)
+    if original.default_factory is not MISSING:
+        return field(default_factory=original.default_factory, metadata=metadata)
+    return field(default=original.default, metadata=metadata)
 
 
 @dataclass

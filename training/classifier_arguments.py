@@ -1,15 +1,14 @@
 """Options of the classifier CLIs, barlow-eval and barlow-finetune, defined once.
 
-Options they share with barlow-pretrain reuse its field definitions through `_shared` (same help
-and choices; a CLI may change the default). Parsing is `barlow_cli.parse_arguments`.
+Options they share with barlow-pretrain reuse its field definitions through
+`training.arguments.shared_field` (same help and choices; a CLI may change the default). Parsing is `barlow_cli.parse_arguments`.
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
-from .arguments import OutputArguments, PretrainingArguments, _check_min_crop_scale, _positive
+from .arguments import OutputArguments, PretrainingArguments, _check_min_crop_scale, _positive, shared_field
 
 __all__ = [
     "EVALUATION_PROTOCOLS",
@@ -19,20 +18,6 @@ __all__ = [
     "PretrainedModelArguments",
     "SupervisedDataArguments",
 ]
-
-
-def _shared(owner: type, name: str, **changes: Any) -> Any:
-    """The dataclass field `name` of `owner`, again for another CLI: its help and choices, and its
-    default unless `default=` (or `help=`) is given."""
-    original = owner.__dataclass_fields__[name]
-    metadata = dict(original.metadata)
-    if "help" in changes:
-        metadata["help"] = changes.pop("help")
-    if "default" in changes:
-        return field(default=changes.pop("default"), metadata=metadata)
-    if original.default_factory is not MISSING:
-        return field(default_factory=original.default_factory, metadata=metadata)
-    return field(default=original.default, metadata=metadata)
 
 
 @dataclass
@@ -67,7 +52,7 @@ class SupervisedDataArguments:
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many examples."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Images per process per evaluation batch."})
-    min_crop_scale: float = _shared(PretrainingArguments, "min_crop_scale")
+    min_crop_scale: float = shared_field(PretrainingArguments, "min_crop_scale")
 
     def __post_init__(self):
         _positive("max_eval_samples", self.max_eval_samples)
@@ -83,12 +68,12 @@ LINEAR_SOLVERS = ("sgd", "lbfgs")
 class EvaluationArguments:
     """barlow-eval: which protocols, and their settings (defaults: the paper's)."""
 
-    output_dir: str | None = _shared(
+    output_dir: str | None = shared_field(
         OutputArguments, "output_dir",
         help="Where eval_results.json is written (required). A folder with an earlier eval_results.json is refused "
              "unless --overwrite_output_dir.",
     )
-    overwrite_output_dir: bool = _shared(
+    overwrite_output_dir: bool = shared_field(
         OutputArguments, "overwrite_output_dir", help="Replace the eval_results.json of an earlier evaluation."
     )
     protocol: list[str] = field(
@@ -109,9 +94,9 @@ class EvaluationArguments:
     linear_epochs: int = field(default=100, metadata={"help": "Epochs of the sgd linear classifier."})
     linear_learning_rate: float = field(default=0.3, metadata={"help": "Learning rate of the sgd linear classifier."})
     linear_weight_decay: float = field(default=1e-6, metadata={"help": "Weight decay of the sgd linear classifier."})
-    per_device_train_batch_size: int = _shared(PretrainingArguments, "per_device_train_batch_size")
-    knn_k: int = _shared(OutputArguments, "knn_k")
-    knn_temperature: float = _shared(OutputArguments, "knn_temperature")
+    per_device_train_batch_size: int = shared_field(PretrainingArguments, "per_device_train_batch_size")
+    knn_k: int = shared_field(OutputArguments, "knn_k")
+    knn_temperature: float = shared_field(OutputArguments, "knn_temperature")
     label_fraction: list[float] = field(
         default_factory=lambda: [0.01, 0.1],
         metadata={"help": "Semi-supervised: fractions of the training labels kept (class-balanced, chosen with --seed)."},
@@ -129,8 +114,8 @@ class EvaluationArguments:
     cache_features: bool = field(
         default=True, metadata={"help": "Reuse cached features (--no_cache_features recomputes and stores nothing)."}
     )
-    seed: int = _shared(PretrainingArguments, "seed")
-    mixed_precision: str = _shared(PretrainingArguments, "mixed_precision")
+    seed: int = shared_field(PretrainingArguments, "seed")
+    mixed_precision: str = shared_field(PretrainingArguments, "mixed_precision")
 
     def __post_init__(self):
         if not self.output_dir:
@@ -160,34 +145,34 @@ class FinetuningArguments:
     """barlow-finetune: optimisation and outputs. Defaults: the paper's fine-tuning (SGD, momentum
     0.9, cosine schedule, backbone 0.005 and head 0.5, no weight decay, batch 256, 20 epochs)."""
 
-    output_dir: str | None = _shared(
+    output_dir: str | None = shared_field(
         OutputArguments, "output_dir",
         help="Where the classifier, its image processor and metrics are written (required). A folder that holds an "
              "earlier run is refused unless --overwrite_output_dir.",
     )
-    overwrite_output_dir: bool = _shared(
+    overwrite_output_dir: bool = shared_field(
         OutputArguments, "overwrite_output_dir",
         help="Start afresh in an --output_dir that holds an earlier run: its model and logs are removed first "
              "(other files are kept).",
     )
-    num_train_epochs: float = _shared(PretrainingArguments, "num_train_epochs", default=20)
-    per_device_train_batch_size: int = _shared(PretrainingArguments, "per_device_train_batch_size")
+    num_train_epochs: float = shared_field(PretrainingArguments, "num_train_epochs", default=20)
+    per_device_train_batch_size: int = shared_field(PretrainingArguments, "per_device_train_batch_size")
     learning_rate: float = field(default=0.005, metadata={"help": "Learning rate of the backbone."})
     head_learning_rate: float = field(default=0.5, metadata={"help": "Learning rate of the classification head."})
     optimizer: str = field(
         default="sgd", metadata={"help": "sgd (momentum 0.9) or adamw.", "choices": ["sgd", "adamw"]}
     )
-    weight_decay: float = _shared(PretrainingArguments, "weight_decay", default=0.0)
-    warmup_epochs: float = _shared(PretrainingArguments, "warmup_epochs", default=0.0)
+    weight_decay: float = shared_field(PretrainingArguments, "weight_decay", default=0.0)
+    warmup_epochs: float = shared_field(PretrainingArguments, "warmup_epochs", default=0.0)
     freeze_backbone: bool = field(
         default=False,
         metadata={"help": "Train only the head, the backbone frozen in eval mode: the linear protocol with training "
                           "augmentations, saved as a classifier."},
     )
-    seed: int = _shared(PretrainingArguments, "seed")
-    mixed_precision: str = _shared(PretrainingArguments, "mixed_precision")
-    logging_steps: int = _shared(OutputArguments, "logging_steps")
-    report_to: str = _shared(OutputArguments, "report_to")
+    seed: int = shared_field(PretrainingArguments, "seed")
+    mixed_precision: str = shared_field(PretrainingArguments, "mixed_precision")
+    logging_steps: int = shared_field(OutputArguments, "logging_steps")
+    report_to: str = shared_field(OutputArguments, "report_to")
 
     def __post_init__(self):
         if not self.output_dir:

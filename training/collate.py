@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-__all__ = ["decode_image", "TwoViewCollator", "LabelledCollator", "whole_batches"]
+__all__ = ["decode_image", "ImageCollator", "TwoViewCollator", "LabelledCollator", "whole_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,10 @@ def decode_image(value: Any, mode: str = "RGB") -> PILImage.Image | None:
 
 
 # -------------------------------------------------------------------------------------- collators
-class _Collator:
+class ImageCollator:
+    """Base of the collators: decodes a batch's images (skipping and counting unreadable ones) and
+    stacks tensors, keeping the shape of the last batch for an all-unreadable one."""
+
     def __init__(self, transform, image_column: str, num_channels: int = 3) -> None:
         if num_channels not in _MODES:
             raise ValueError(f"num_channels must be 1 or 3, got {num_channels}")
@@ -122,7 +125,7 @@ class _Collator:
         return out
 
 
-class TwoViewCollator(_Collator):
+class TwoViewCollator(ImageCollator):
     """Collate undecoded examples into two augmented views (Barlow Twins pre-training).
 
     ``transform(PIL image) -> (view1, view2)``, each (C, H, W). Returns ``{"pixel_values": (B, C,
@@ -141,7 +144,7 @@ class TwoViewCollator(_Collator):
         }
 
 
-class LabelledCollator(_Collator):
+class LabelledCollator(ImageCollator):
     """Collate examples into one view and labels (evaluation, kNN, linear probe).
 
     ``transform(PIL image) -> (C, H, W)``. Returns ``{"pixel_values": (B, C, H, W), "labels": (B,)

@@ -14,7 +14,7 @@ collators and image decoding are in ``collate.py``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from .collate import decode_image
 
 __all__ = [
     "DEFAULT_DATASET_NAME", "load_image_dataset", "resolve_image_column", "resolve_label_column",
-    "prepare_stream", "count_examples", "file_stamps", "is_local_source", "load_held_out_split",
+    "prepare_stream", "count_examples", "column_names", "file_stamps", "is_local_source", "load_held_out_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,8 @@ def _peek(dataset: AnyDataset) -> dict[str, Any]:
         raise ValueError("The dataset is empty: cannot infer its columns") from None
 
 
-def _columns(dataset: AnyDataset) -> list[str]:
+def column_names(dataset: AnyDataset) -> list[str]:
+    """The dataset's columns (from its features, else its first example)."""
     if dataset.features is not None:
         return list(dataset.features)
     return list(dataset.column_names or _peek(dataset))
@@ -224,7 +225,7 @@ def resolve_image_column(dataset: AnyDataset, image_column: str | None = None) -
     """The image column: ``image_column`` if given (checked), else the first ``datasets.Image``
     column (when ``features`` is unknown: the first column whose first value is an image), else a
     common name ("image", "img", "jpg", ...). Raises ValueError naming the columns present."""
-    columns = _columns(dataset)
+    columns = column_names(dataset)
     if image_column is not None:
         if image_column not in columns:
             raise ValueError(f"Image column {image_column!r} not found; the dataset has columns {columns}")
@@ -252,7 +253,7 @@ def resolve_image_column(dataset: AnyDataset, image_column: str | None = None) -
 def resolve_label_column(dataset: AnyDataset, label_column: str | None = None) -> str | None:
     """The label column: ``label_column`` if given (checked; ValueError naming the columns), else the
     first ``ClassLabel`` column, else "label", "labels" or "cls" (webdataset) if present, else None."""
-    columns = _columns(dataset)
+    columns = column_names(dataset)
     if label_column is not None:
         if label_column not in columns:
             raise ValueError(f"Label column {label_column!r} not found; the dataset has columns {columns}")
@@ -282,11 +283,12 @@ def prepare_stream(
     num_processes: int = 1,
     max_samples: int | None = None,
     shuffle: bool = True,
+    keep_columns: Sequence[str] = (),
 ) -> datasets.IterableDataset:
     """This process's share of ``dataset``: an ``IterableDataset`` of undecoded images.
 
     Steps: to iterable (map-style: a multiple of ``num_processes`` shards) -> keep the image (and
-    label) column -> ``Image(decode=False)``, so examples carry ``{"bytes", "path"}`` -> take
+    label, and ``keep_columns``) column -> ``Image(decode=False)``, so examples carry ``{"bytes", "path"}`` -> take
     ``max_samples`` (a global cap on the count, the same subset every epoch; when processes split
     by shard, datasets spreads the cap over the shards, so which examples are kept depends on the
     number of processes) -> buffer shuffle with ``seed`` -> ``split_dataset_by_node``, once.
@@ -304,7 +306,8 @@ def prepare_stream(
         raise ValueError("The dataset is already split by node; prepare_stream shards it (exactly once)")
     if isinstance(dataset, datasets.Dataset):
         dataset = dataset.to_iterable_dataset(num_shards=_num_shards_for(len(dataset), num_processes))
-    columns, present = [image_column] + ([label_column] if label_column else []), _columns(dataset)
+    columns = list(dict.fromkeys([image_column, *([label_column] if label_column else []), *keep_columns]))
+    present = column_names(dataset)
     if any(c not in present for c in columns):
         raise ValueError(f"Columns {columns} not all found; the dataset has columns {present}")
     dataset = dataset.select_columns(columns)

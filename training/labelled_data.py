@@ -31,6 +31,7 @@ from .data import (
 __all__ = [
     "LabelledData",
     "check_label_range",
+    "data_identity",
     "class_balanced_subset",
     "fraction_name",
     "load_labelled_data",
@@ -202,7 +203,8 @@ def _read_labels(dataset, label_column: str, max_samples: int | None) -> list:
     return [example[label_column] for example in stream]
 
 
-def _data_identity(data_args) -> dict:
+def data_identity(data_args) -> dict:
+    """What the data is (source, config, local file stamps), for cache keys and records."""
     source = data_args.train_dir or data_args.dataset_name
     identity: dict[str, Any] = {"config": data_args.dataset_config_name}
     if source is None:
@@ -239,7 +241,7 @@ def load_labelled_data(data_args, supervised_args) -> LabelledData:
     resolve_label_column(held_out, label_column)  # the held-out split must have it too
     data = LabelledData(
         train, held_out, data_args.train_split, eval_split, image_column, label_column, [], None,
-        identity={**_data_identity(data_args), "image_column": image_column, "label_column": label_column},
+        identity={**data_identity(data_args), "image_column": image_column, "label_column": label_column},
         max_train_samples=data_args.max_train_samples, max_eval_samples=supervised_args.max_eval_samples,
     )
     feature = (train.features or {}).get(label_column)
