@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .augment.params import ViewAugmentationParams, barlow_twins_view_params
+from .ddp import DDP_COMM_HOOKS
 
 
 __all__ = [
@@ -135,6 +136,12 @@ class PretrainingArguments:
     warmup_steps: int | None = field(default=None, metadata={"help": "Warm-up length in steps; overrides --warmup_epochs."})
     mixed_precision: str = field(
         default="no", metadata={"help": "no, fp16 or bf16 (the loss stays fp32).", "choices": ["no", "fp16", "bf16"]}
+    )
+    ddp_comm_hook: str = field(
+        default="no",
+        metadata={"help": "With several processes: 'bf16' sends the gradients in bfloat16, half the bytes of the "
+                          "default fp32 ('no'), each rounded to 8 bits of mantissa (see benchmarks/RESULTS.md for "
+                          "its effect on the loss).", "choices": list(DDP_COMM_HOOKS)},
     )
     seed: int = field(default=42, metadata={"help": "Random seed for initialisation, shuffling and augmentation."})
     augment_on_device: bool = field(

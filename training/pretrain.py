@@ -48,6 +48,7 @@ from .augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTran
 from .checkpointing import TrainerState, load_checkpoint, save_checkpoint, truncate_history
 from .collate import TwoViewCollator, whole_batches
 from .collective import all_processes, is_finite_later
+from .ddp import ddp_kwargs_handlers
 from .data import (
     count_examples,
     load_image_dataset,
@@ -156,6 +157,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         log_with=None if out_args.report_to == "none" else out_args.report_to,
         project_dir=str(output_dir),
         dynamo_backend="inductor" if train_args.torch_compile else None,
+        kwargs_handlers=ddp_kwargs_handlers(train_args.ddp_comm_hook, _launched_processes()),
     )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
