@@ -57,12 +57,31 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> dict:
+    """The CPU model as lscpu names it, and whether it has the instructions that make bf16 fast:
+    AVX512-BF16 (bf16 dot products) and AMX (bf16 tile multiplies)."""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        lscpu = ""
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    flags = set(fields.get("Flags", "").split())
+    return {
+        "lscpu_model_name": fields.get("Model name", "").strip() or None,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "amx_tile": "amx_tile" in flags,
+    }
+
+
 def machine() -> dict:
-    """The CPU, its cores, torch's threads, the load average, and the GPU if there is one."""
+    """The CPU (with its bf16 flags), its cores, torch's threads, the load average, and the GPU if
+    there is one."""
     import torch
 
     info = {
         "cpu": _cpu_model(),
+        **cpu_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": round(os.getloadavg()[0], 2),
@@ -178,9 +197,11 @@ def write_result(
     memory_ratio: float | None = None,
     target: str | None = None,
     details: dict | None = None,
+    extra: dict | None = None,
     results_dir: Path = RESULTS_DIR,
 ) -> Path:
-    """Write ``results_dir/<name>.json`` and print it; ``ratio`` > 1 always means ours is better."""
+    """Write ``results_dir/<name>.json`` and print it; ``ratio`` > 1 always means ours is better.
+    ``extra`` holds further top-level keys (a benchmark's own headline numbers)."""
     ratio = ours / baseline if higher_is_better else baseline / ours
     record = {
         "name": name,
@@ -191,6 +212,7 @@ def write_result(
         "higher_is_better": higher_is_better,
         **({"memory_ratio": round(memory_ratio, 4)} if memory_ratio is not None else {}),
         **({"target": target} if target else {}),
+        **(extra or {}),
         "machine": machine(),
         "versions": versions(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -202,6 +224,17 @@ def write_result(
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
     print(f"Wrote {path}")
+    return path
+
+
+def write_not_measured(name: str, reason: str, results_dir: Path = RESULTS_DIR) -> Path:
+    """Write ``results_dir/<name>.json`` saying why nothing was measured, with the machine and command."""
+    record = {"name": name, "not_measured": reason, "machine": machine(), "versions": versions(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command()}
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{reason}; wrote {path}")
     return path
 
 

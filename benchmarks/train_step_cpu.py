@@ -1,6 +1,7 @@
 """One Barlow Twins training step on the CPU: ours against lightly, images per second and peak memory.
 
     python benchmarks/train_step_cpu.py
+    python benchmarks/train_step_cpu.py --mixed_precision bf16    # results/train_step_cpu_bf16.json
 
 Both contenders train the same timm ResNet-18 (small-image stem, 32 px; built by our
 ``BarlowTwinsModel`` from one seed, and checked to hold the same weights) on the same two random
@@ -19,6 +20,16 @@ batches of 256 images (512 views through the backbone per step):
 One step is: forward of both views, loss, backward, ``optimizer.step()``, ``zero_grad()``.
 Learning rates, weight decay and lambda are the defaults of ``training/arguments.py``.
 
+``--mixed_precision bf16``: ours and ours_eager run their forward under
+``torch.autocast("cpu", dtype=torch.bfloat16)``, as accelerate does for ``barlow-pretrain
+--mixed_precision bf16`` on a CPU (the loss is computed in fp32 whatever the autocast); the baseline
+stays lightly in fp32, and ours_fp32 (ours in fp32) joins for the bf16 speed-up alone. Then
+``--trajectory_steps`` (50) training steps of ours in bf16 and in fp32, alternating, from the same
+weights on the same sequence of batches (two views of Fashion-MNIST images made by the trainer's
+augmentation, or of scikit-learn's digits without the IDX files), give the two loss trajectories;
+bf16's must stay within ``TRAJECTORY_TOLERANCE`` of fp32's at every step. Without AVX512-BF16 or AMX
+(lscpu flags) nothing is measured: bf16 is emulated there, and the JSON says so.
+
 Time: one untimed warm-up step each (where ours compiles), then ``common.alternate``, ``--runs``
 runs of ``--steps_per_run`` steps each; medians. Memory: each contender in its own process
 (``--memory_worker NAME``), peak resident set above the one right after the imports, over building
@@ -32,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,11 +52,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import alternate, measure_peak_above_start, median, run_memory_worker, timed, write_result  # noqa: E402
+from common import (  # noqa: E402
+    alternate,
+    cpu_flags,
+    measure_peak_above_start,
+    median,
+    run_memory_worker,
+    timed,
+    write_not_measured,
+    write_result,
+)
 
 
 NAME = "train_step_cpu"
 TARGET = "ratio >= 1.3, memory_ratio <= 0.8"
+BF16_TARGET = "ratio >= 2.0 (against lightly in fp32)"
+# Relative difference of the bf16 loss from the fp32 loss allowed at every step of the trajectory.
+TRAJECTORY_TOLERANCE = 0.05
 IMAGE_SIZE = 32
 PROJECTOR = [8192, 8192, 8192]
 SEED = 0
@@ -81,12 +105,15 @@ def _config(hp: dict):
     )
 
 
-def build_ours(hp: dict, batch_size: int, compile: bool = True, budget: float | None = ACTIVATION_MEMORY_BUDGET):
+def build_ours(
+    hp: dict, batch_size: int, compile: bool = True, budget: float | None = ACTIVATION_MEMORY_BUDGET, bf16: bool = False,
+):
     """Our model and optimizer, and one training step over (x1, x2).
 
     As ``barlow-pretrain --channels_last --torch_compile --activation_memory_budget 0.3`` runs it
     (``compile=False``: with ``--channels_last`` only). accelerate's ``dynamo_backend="inductor"``
-    is ``torch.compile(model)``, and the trainer runs under ``compile_settings`` as here.
+    is ``torch.compile(model)``, and the trainer runs under ``compile_settings`` as here. ``bf16``:
+    the forward under CPU autocast, as accelerate runs ``--mixed_precision bf16`` on a CPU.
     """
     from modeling_barlow import BarlowTwinsForPreTraining
     from training.optim import create_optimizer
@@ -115,7 +142,8 @@ def build_ours(hp: dict, batch_size: int, compile: bool = True, budget: float | 
     def step(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
         with compile_settings(budget if compile else None):
-            loss = forward(x1, x2).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = forward(x1, x2).loss
             loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -172,6 +200,16 @@ BUILDERS = {
     "ours_eager": lambda hp, batch_size: build_ours(hp, batch_size, compile=False),
     "baseline": build_baseline,
 }
+BF16_BUILDERS = {
+    "ours": lambda hp, batch_size: build_ours(hp, batch_size, bf16=True),
+    "ours_eager": lambda hp, batch_size: build_ours(hp, batch_size, compile=False, bf16=True),
+    "ours_fp32": build_ours,
+    "baseline": build_baseline,
+}
+
+
+def builders(mixed_precision: str) -> dict:
+    return BF16_BUILDERS if mixed_precision == "bf16" else BUILDERS
 
 
 def _inputs(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +227,7 @@ def memory_worker(name: str, args: argparse.Namespace) -> None:
     x1, x2 = _inputs(args.batch_size)
 
     def build_and_step() -> None:
-        _, _, step = BUILDERS[name](hp, args.batch_size)
+        _, _, step = builders(args.mixed_precision)[name](hp, args.batch_size)
         for _ in range(2):
             step(x1, x2)
 
@@ -249,13 +287,68 @@ def profile(args: argparse.Namespace) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
 
 
+def _trajectory_images(count: int = 60_000):
+    """Fashion-MNIST's training images as (N, 28, 28) uint8 if its IDX files are installed, else
+    scikit-learn's digits scaled to 0-255; and which."""
+    import numpy as np
+
+    from fashion_mnist import IDX_DIR, read_idx
+
+    path = IDX_DIR / "train-images-idx3-ubyte.gz"
+    if path.is_file():
+        return read_idx(path)[:count], "Fashion-MNIST (train split)"
+    from sklearn.datasets import load_digits
+
+    return (load_digits().images * 255 / 16).astype(np.uint8), "scikit-learn digits (no Fashion-MNIST IDX files)"
+
+
+def trajectory(hp: dict, batch_size: int, steps: int) -> dict:
+    """Ours in bf16 and in fp32 (compiled, channels-last, as timed), from the same weights, trained
+    for ``steps`` LARS steps on the same batches, alternating; the two loss trajectories."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from training.augment import TwoViewTransform
+
+    images, source = _trajectory_images()
+    config = _config(hp)
+    transform = TwoViewTransform(config.image_size, config.image_mean, config.image_std, 3,
+                                 v2.InterpolationMode(config.interpolation))
+    contenders = {name: build_ours(hp, batch_size, bf16=name == "bf16")[2] for name in ("bf16", "fp32")}
+    losses = {name: [] for name in contenders}
+    for step in range(steps):
+        picks = torch.randint(len(images), (batch_size,), generator=torch.Generator().manual_seed(step))
+        torch.manual_seed(step)  # the augmentation's draws
+        pairs = [transform(Image.fromarray(images[int(i)])) for i in picks]
+        x1, x2 = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+        for name in (("bf16", "fp32") if step % 2 == 0 else ("fp32", "bf16")):
+            losses[name].append(float(contenders[name](x1, x2)))
+        print(f"trajectory step {step + 1}/{steps}: bf16 {losses['bf16'][-1]:.2f}, fp32 {losses['fp32'][-1]:.2f}", flush=True)
+    relative = [abs(b - f) / abs(f) for b, f in zip(losses["bf16"], losses["fp32"])]
+    return {
+        "steps": steps,
+        "data": f"{source}, two views per image from training.augment.TwoViewTransform (the paper's), {batch_size} images per step",
+        "tolerance": f"|loss_bf16 - loss_fp32| / loss_fp32 <= {TRAJECTORY_TOLERANCE} at every step",
+        "max_relative_difference": round(max(relative), 5),
+        "mean_relative_difference": round(sum(relative) / len(relative), 5),
+        "relative_difference_at_last_step": round(relative[-1], 5),
+        "within_tolerance": max(relative) <= TRAJECTORY_TOLERANCE,
+        "loss_bf16": [round(v, 3) for v in losses["bf16"]],
+        "loss_fp32": [round(v, 3) for v in losses["fp32"]],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch_size", type=int, default=256, help="Images per view per step.")
     parser.add_argument("--runs", type=int, default=5, help="Timed runs per contender (alternating).")
     parser.add_argument("--steps_per_run", type=int, default=1, help="Training steps in one timed run.")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both contenders.")
-    parser.add_argument("--memory_worker", choices=sorted(BUILDERS), help=argparse.SUPPRESS)
+    parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no",
+                        help="bf16: ours under CPU autocast, against lightly in fp32 (results/train_step_cpu_bf16.json).")
+    parser.add_argument("--trajectory_steps", type=int, default=50,
+                        help="With --mixed_precision bf16: steps of the bf16 against fp32 loss trajectory (0: skip).")
+    parser.add_argument("--memory_worker", choices=sorted(BF16_BUILDERS), help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="Print where a step's time goes; write nothing.")
     parser.add_argument("--profile_rows", type=int, default=25)
     args = parser.parse_args()
@@ -264,37 +357,47 @@ def main() -> None:
         return memory_worker(args.memory_worker, args)
     if args.profile:
         return profile(args)
+    bf16 = args.mixed_precision == "bf16"
+    name = f"{NAME}_bf16" if bf16 else NAME
+    flags = cpu_flags()
+    if bf16 and not (flags["avx512_bf16"] or flags["amx_bf16"]):
+        return write_not_measured(name, "not measured: no bf16 CPU instructions (neither AVX512-BF16 nor AMX in lscpu)")
 
     started = time.perf_counter()
+    load_before = os.getloadavg()
     hp = _paper_hyper_parameters()
     x1, x2 = _inputs(args.batch_size)
+    contender_builders = builders(args.mixed_precision)
     models, steps = {}, {}
-    for name, build in BUILDERS.items():
-        models[name], _, steps[name] = build(hp, args.batch_size)
-    if not all(_same_backbone(models[name], models["baseline"]) for name in ("ours", "ours_eager")):
+    for contender, build in contender_builders.items():
+        models[contender], _, steps[contender] = build(hp, args.batch_size)
+    ours_names = [contender for contender in contender_builders if contender != "baseline"]
+    if not all(_same_backbone(models[contender], models["baseline"]) for contender in ours_names):
         raise RuntimeError("the contenders' backbones differ; the comparison would not be like for like")
-    losses = {name: [] for name in BUILDERS}
+    losses = {contender: [] for contender in contender_builders}
 
-    def run(name):
+    def run(contender):
         def one_run() -> float:
             def steps_of_run():
                 for _ in range(args.steps_per_run):
-                    losses[name].append(float(steps[name](x1, x2)))
+                    losses[contender].append(float(steps[contender](x1, x2)))
             return timed(steps_of_run) / args.steps_per_run
         return one_run
 
     # One untimed warm-up step each; for "ours" it is where torch.compile compiles (minutes here).
-    contenders = {name: run(name) for name in BUILDERS}
-    first_step_seconds = {name: contenders[name]() for name in BUILDERS}
+    contenders = {contender: run(contender) for contender in contender_builders}
+    first_step_seconds = {contender: contenders[contender]() for contender in contender_builders}
     samples = alternate(contenders, runs=args.runs, warmup=0)
     models.clear(), steps.clear()  # free them before the memory workers start
-    worker_args = ["--batch_size", str(args.batch_size), "--threads", str(args.threads)]
+    worker_args = ["--batch_size", str(args.batch_size), "--threads", str(args.threads),
+                   "--mixed_precision", args.mixed_precision]
     memory = {
-        name: run_memory_worker(Path(__file__), [*worker_args, "--memory_worker", name])["peak_bytes"]
-        for name in BUILDERS
+        contender: run_memory_worker(Path(__file__), [*worker_args, "--memory_worker", contender])["peak_bytes"]
+        for contender in contender_builders
     }
-    seconds = {name: median(values) for name, values in samples.items()}
-    images = {name: args.batch_size / s for name, s in seconds.items()}
+    seconds = {contender: median(values) for contender, values in samples.items()}
+    images = {contender: args.batch_size / s for contender, s in seconds.items()}
+    precision = " under CPU autocast to bf16 (as barlow-pretrain --mixed_precision bf16; the loss in fp32)" if bf16 else ""
     details = {
         "batch_size_per_view": args.batch_size,
         "views_per_step": 2 * args.batch_size,
@@ -302,34 +405,42 @@ def main() -> None:
         "backbone": "timm resnet18, small-image stem (3x3/1 conv, no max-pool), same weights for both",
         "projector": PROJECTOR,
         "hyper_parameters": hp,
-        "ours": f"BarlowTwinsForPreTraining, channels-last and torch.compile with an activation memory budget of {ACTIVATION_MEMORY_BUDGET} (as barlow-pretrain --channels_last --torch_compile --activation_memory_budget {ACTIVATION_MEMORY_BUDGET}) + barlow_twins_loss (auto: Gram) + training.optim.create_optimizer('lars') (timm Lars)",
-        "ours_eager": "the same without torch.compile (as barlow-pretrain --channels_last)",
+        "mixed_precision": args.mixed_precision,
+        "ours": f"BarlowTwinsForPreTraining, channels-last and torch.compile with an activation memory budget of {ACTIVATION_MEMORY_BUDGET} (as barlow-pretrain --channels_last --torch_compile --activation_memory_budget {ACTIVATION_MEMORY_BUDGET}) + barlow_twins_loss (auto: Gram) + training.optim.create_optimizer('lars') (timm Lars){precision}",
+        "ours_eager": f"the same without torch.compile (as barlow-pretrain --channels_last){precision}",
         "ours_eager_ratio": round(seconds["baseline"] / seconds["ours_eager"], 4),
         "ours_eager_memory_ratio": round(memory["ours_eager"] / memory["baseline"], 4),
-        "first_step_seconds": {name: round(v, 1) for name, v in first_step_seconds.items()},
-        "baseline": "same backbone + lightly BarlowTwinsProjectionHead + BarlowTwinsLoss + lightly.utils.lars.LARS",
+        "first_step_seconds": {contender: round(v, 1) for contender, v in first_step_seconds.items()},
+        "baseline": "same backbone + lightly BarlowTwinsProjectionHead + BarlowTwinsLoss + lightly.utils.lars.LARS, fp32",
         "runs": args.runs,
         "steps_per_run": args.steps_per_run,
         "warmup_runs": 1,
-        "seconds_per_step": {name: [round(v, 3) for v in values] for name, values in samples.items()},
-        "median_seconds_per_step": {name: round(s, 3) for name, s in seconds.items()},
-        "images_per_s": {name: round(v, 3) for name, v in images.items()},
-        "views_per_s": {name: round(2 * v, 3) for name, v in images.items()},
+        "seconds_per_step": {contender: [round(v, 3) for v in values] for contender, values in samples.items()},
+        "median_seconds_per_step": {contender: round(s, 3) for contender, s in seconds.items()},
+        "images_per_s": {contender: round(v, 3) for contender, v in images.items()},
+        "views_per_s": {contender: round(2 * v, 3) for contender, v in images.items()},
         "peak_rss_above_start_bytes": memory,
-        "peak_rss_above_start_gib": {name: round(b / 2**30, 3) for name, b in memory.items()},
+        "peak_rss_above_start_gib": {contender: round(b / 2**30, 3) for contender, b in memory.items()},
         "memory_method": "own process each; VmHWM above VmRSS after the imports, over building model and optimizer and 2 steps (parameters, gradients, momentum buffers and compilation all count)",
-        "first_and_last_loss": {name: [round(v[0], 3), round(v[-1], 3)] for name, v in losses.items()},
-        "loss_per_step": {name: [round(v, 4) for v in values] for name, values in losses.items()},
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "first_and_last_loss": {contender: [round(v[0], 3), round(v[-1], 3)] for contender, v in losses.items()},
+        "loss_per_step": {contender: [round(v, 4) for v in values] for contender, values in losses.items()},
     }
+    if bf16:
+        details["ours_fp32"] = "ours without autocast (fp32), as in results/train_step_cpu.json"
+        details["bf16_over_fp32"] = round(seconds["ours_fp32"] / seconds["ours"], 4)
+        if args.trajectory_steps:
+            details["trajectory"] = trajectory(hp, args.batch_size, args.trajectory_steps)
+    details["load_average_before"] = [round(v, 2) for v in load_before]
+    details["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    details["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_result(
-        NAME,
+        name,
         ours=images["ours"],
         baseline=images["baseline"],
         unit="images/s (pairs of views)",
         higher_is_better=True,
         memory_ratio=memory["ours"] / memory["baseline"],
-        target=TARGET,
+        target=BF16_TARGET if bf16 else TARGET,
         details=details,
     )
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .distributed import gather_rows, global_count, is_distributed, sum_across_processes
+from .distributed import gather_rows, global_batch_norm, is_distributed, sum_across_processes
 
 
 __all__ = ["BarlowTwinsLossOutput", "barlow_twins_loss", "cross_correlation"]
@@ -55,21 +55,23 @@ class BarlowTwinsLossOutput:
     diagonal_mean: torch.Tensor
 
 
-def _standardise(z: torch.Tensor, n: int, eps: float) -> torch.Tensor:
-    """Zero mean, unit (biased) variance per dimension over the global batch: BatchNorm1d without
-    affine, in training mode, as the release applies it to each view on its own."""
+def _standardise(z1: torch.Tensor, z2: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Each view at zero mean and unit (biased) variance per dimension over the global batch:
+    BatchNorm1d without affine, in training mode, as the release applies it to each view on its
+    own. Also returns every process's batch size (one host read, for the whole loss)."""
     if not is_distributed():
         # The local batch is the global one: BatchNorm's fused kernels compute the same statistics
-        # (biased variance, eps inside the root) in one pass forward and one backward, where the
-        # sums below take about ten over (N, D) with autograd (3x the time at N = 4096, D = 2048).
-        return F.batch_norm(z, None, None, training=True, eps=eps)
-    mean = sum_across_processes(z.sum(0)) / n
-    centred = z - mean
-    var = sum_across_processes(centred.square().sum(0)) / n
-    return centred * torch.rsqrt(var + eps)
+        # (biased variance, eps inside the root), with no collective.
+        a, b = (F.batch_norm(z, None, None, training=True, eps=eps) for z in (z1, z2))
+        return a, b, [z1.shape[0]]
+    # Side by side, each view's dimensions are channels of their own: both views' statistics, and
+    # every process's batch size, in one collective (and one host read, here, for the whole loss).
+    both, _, _, counts = global_batch_norm(torch.cat([z1, z2], dim=1), None, None, eps)
+    a, b = both.split(z1.shape[1], dim=1)
+    return a, b, [int(c) for c in counts.tolist()]
 
 
-def _sums_direct(a: torch.Tensor, b: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sums_direct(a: torch.Tensor, b: torch.Tensor, n: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     # N C, not C: dividing the diagonal and the sum instead saves a D x D pass forward and backward.
     nc = sum_across_processes(a.T @ b)
     diagonal = torch.diagonal(nc) / n
@@ -100,15 +102,17 @@ class _GramFrobenius(torch.autograd.Function):
         return grad_a, grad_b
 
 
-def _sums_gram(a: torch.Tensor, b: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    diagonal = sum_across_processes((a * b).sum(0)) / n
+def _sums_gram(a: torch.Tensor, b: torch.Tensor, n: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     if not is_distributed():
-        return diagonal, _GramFrobenius.apply(a, b) / (n * n)
+        return (a * b).sum(0) / n, _GramFrobenius.apply(a, b) / (n * n)
     # Each process computes only its own rows of the N x N Gram products; gathered rows are
-    # zero-padded for uneven batches, and a zero row adds nothing to a Gram product.
-    gram_a = a @ gather_rows(a).T
-    gram_b = b @ gather_rows(b).T
-    frobenius = sum_across_processes((gram_a * gram_b).sum(dtype=torch.float64)) / (n * n)
+    # zero-padded for uneven batches, and a zero row adds nothing to a Gram product or a diagonal.
+    # Both views come in one gather, and the diagonal of C from the gathered rows, with no sum.
+    dim = a.shape[1]
+    rows = gather_rows(torch.cat([a, b], dim=1), sizes)
+    all_a, all_b = rows[:, :dim], rows[:, dim:]
+    diagonal = (all_a * all_b).sum(0) / n
+    frobenius = sum_across_processes(((a @ all_a.T) * (b @ all_b.T)).sum(dtype=torch.float64)) / (n * n)
     return diagonal, frobenius
 
 
@@ -144,20 +148,17 @@ def barlow_twins_loss(
         raise ValueError(f"z1 and z2 must both be (N, D) with the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}.")
     if path not in ("auto", "gram", "direct"):
         raise ValueError(f"path must be 'auto', 'gram' or 'direct', got {path!r}.")
-    n = global_count(z1.shape[0], z1.device)
-    if n < 2:
-        raise ValueError(
-            f"The Barlow Twins loss standardises each dimension over the batch, which needs at least two "
-            f"samples; got a global batch of {n}. Increase the batch size."
-        )
+    if not is_distributed():
+        _require_two_samples(z1.shape[0])
     dim = z1.shape[1]
     # fp32 whatever the autocast context: low-precision C has led to NaN after loss spikes.
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        a = _standardise(z1.float(), n, eps)
-        b = _standardise(z2.float(), n, eps)
+        a, b, sizes = _standardise(z1.float(), z2.float(), eps)
+        n = sum(sizes)
+        _require_two_samples(n)  # every process has the same sizes: all raise together
         use_gram = path == "gram" or (path == "auto" and n < dim)
         sums = _sums_gram if use_gram else _sums_direct
-        diagonal, frobenius = sums(a, b, n)
+        diagonal, frobenius = sums(a, b, n, sizes)
         on_diagonal = (1.0 - diagonal).square().sum()
         off_diagonal = (frobenius - diagonal.double().square().sum()).float()
         loss = loss_scale * (on_diagonal + off_diagonal_weight * off_diagonal)
@@ -166,11 +167,18 @@ def barlow_twins_loss(
     )
 
 
+def _require_two_samples(n: int) -> None:
+    if n < 2:
+        raise ValueError(
+            f"The Barlow Twins loss standardises each dimension over the batch, which needs at least two "
+            f"samples; got a global batch of {n}. Increase the batch size."
+        )
+
+
 @torch.no_grad()
 def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """The D x D cross-correlation matrix C of two views (N, D), for inspection and plots: the
     loss pushes it to the identity. Global across processes like the loss; fp32; no gradient."""
-    n = global_count(z1.shape[0], z1.device)
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        a, b = _standardise(z1.float(), n, eps), _standardise(z2.float(), n, eps)
-        return sum_across_processes(a.T @ b) / n
+        a, b, sizes = _standardise(z1.float(), z2.float(), eps)
+        return sum_across_processes(a.T @ b) / sum(sizes)

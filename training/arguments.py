@@ -18,6 +18,7 @@ from typing import Any
 from modeling_barlow import BarlowTwinsConfig
 
 from .augment.params import ViewAugmentationParams, barlow_twins_view_params
+from .ddp import DDP_COMM_HOOKS
 
 
 __all__ = [
@@ -185,6 +186,12 @@ class PretrainingArguments:
     )
     mixed_precision: str = field(
         default="no", metadata={"help": "no, fp16 or bf16 (the loss stays fp32).", "choices": ["no", "fp16", "bf16"]}
+    )
+    ddp_comm_hook: str = field(
+        default="no",
+        metadata={"help": "With several processes: 'bf16' sends the gradients in bfloat16, half the bytes of the "
+                          "default fp32 ('no'), each rounded to 8 bits of mantissa (see benchmarks/RESULTS.md for "
+                          "its effect on the loss).", "choices": list(DDP_COMM_HOOKS)},
     )
     seed: int = field(default=42, metadata={"help": "Random seed for initialisation, shuffling and augmentation."})
     augment_on_device: bool = field(

@@ -40,6 +40,7 @@ from modeling_barlow import (
 from .arguments import DataArguments, HubArguments, ModelArguments, OutputArguments, PretrainingArguments
 from .checkpointing import CheckpointMismatch, Checkpointer, TrainerState, load_checkpoint, truncate_history
 from .collective import create_accelerator, launched_processes
+from .ddp import ddp_kwargs_handlers
 from .epochs import TrainingBatches
 from .loop import LossWindow, NonFiniteLosses, PretrainingStep
 from .monitor import KnnMonitor, plot_held_out_cross_correlation
@@ -155,6 +156,7 @@ def train(
         log_with=None if out_args.report_to == "none" else out_args.report_to,
         project_dir=str(output_dir),
         dynamo_backend="inductor" if train_args.torch_compile else None,
+        kwargs_handlers=ddp_kwargs_handlers(train_args.ddp_comm_hook, launched_processes()),
     )
     set_seed(train_args.seed)
     model = prepare_model(model_args, train_args, accelerator)
