@@ -18,6 +18,13 @@ from transformers import (
 )
 
 from .configuration_barlow_twins import BarlowTwinsConfig
+from .dense_heads import (
+    barlow_detr_for_object_detection,
+    barlow_upernet_for_semantic_segmentation,
+    default_pyramid_indices,
+    encoder_backbone_config,
+    load_encoder_into_backbones,
+)
 from .distributed import GlobalBatchNorm, convert_to_global_batchnorm
 from .image_processing import create_image_processor
 from .loss import BarlowTwinsLossOutput, barlow_twins_loss, cross_correlation
@@ -43,10 +50,15 @@ __all__ = [
     "BarlowTwinsPreTrainedModel",
     "BarlowTwinsProjector",
     "GlobalBatchNorm",
+    "barlow_detr_for_object_detection",
     "barlow_twins_loss",
+    "barlow_upernet_for_semantic_segmentation",
     "convert_to_global_batchnorm",
     "create_image_processor",
     "cross_correlation",
+    "default_pyramid_indices",
+    "encoder_backbone_config",
+    "load_encoder_into_backbones",
 ]
 
 AutoConfig.register(BarlowTwinsConfig.model_type, BarlowTwinsConfig, exist_ok=True)

@@ -26,6 +26,9 @@ CHILD = textwrap.dedent(
     except ImportError:
         pass
     x = torch.load(inputs)
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    backbone_class = get_class_from_dynamic_module("modeling_barlow_twins.BarlowTwinsBackbone", folder)
+    direct = backbone_class.from_pretrained(folder, out_indices=[4]).eval()
     # transformers 5's AutoBackbone.from_pretrained asks the hub whether the name is a repository
     # before reading anything, which fails for every local folder (importing modeling_barlow works
     # around it). Here the hub's answer for a repository is stood in for, as it would come online.
@@ -42,6 +45,7 @@ CHILD = textwrap.dedent(
             "logits_shape": list(classifier.eval()(x).logits.shape),
             "feature_maps": list(backbone(x).feature_maps),
             "channels": backbone.channels,
+            "direct_last_map": direct(x).feature_maps[0],
             "classes": [type(m).__module__ + "." + type(m).__name__ for m in (encoder, pretraining, classifier, backbone)],
         }, result)
     """
@@ -77,6 +81,7 @@ def test_trust_remote_code_load_without_the_package(tmp_path, tiny_config):
     # The stages straight from timm, on the saved network.
     stages = model.barlow_twins.backbone.forward_intermediates(x, indices=[1, 3, 4], intermediates_only=True)
     assert result["channels"] == [16, 64, 128]
+    torch.testing.assert_close(result["direct_last_map"], stages[-1])
     assert len(result["feature_maps"]) == 3
     for got, expected in zip(result["feature_maps"], stages):
         torch.testing.assert_close(got, expected)
