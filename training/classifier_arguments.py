@@ -154,6 +154,12 @@ class FinetuningArguments:
     0.9, cosine schedule, backbone 0.005 and head 0.5, no weight decay, batch 256, 20 epochs)."""
 
     output_dir: str | None = _shared(OutputArguments, "output_dir")
+    task: str = field(
+        default="image-classification",
+        metadata={"help": "image-classification, or object-detection / semantic-segmentation (DETR / UperNet on the "
+                          "encoder; `barlow-finetune --task object-detection --help` lists their options).",
+                  "choices": ["image-classification", "object-detection", "semantic-segmentation"]},
+    )
     num_train_epochs: float = _shared(PretrainingArguments, "num_train_epochs", default=20)
     per_device_train_batch_size: int = _shared(PretrainingArguments, "per_device_train_batch_size")
     learning_rate: float = field(default=0.005, metadata={"help": "Learning rate of the backbone."})
