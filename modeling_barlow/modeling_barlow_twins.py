@@ -173,7 +173,7 @@ class BarlowTwinsModel(BarlowTwinsPreTrainedModel):
         self.backbone = create_timm_network(config)
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.backbone.parameters()):
-            # timm has just initialised it; transformers' init pass must not redo it (see _init_weights).
+            # timm has just initialised it; transformers' init pass must not redo it (see _initialize_weights).
             self.backbone._is_hf_initialized = True
         self.post_init()
 
