@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import DetrConfig, DetrForObjectDetection, UperNetConfig, UperNetForSemanticSegmentation
+from transformers.utils import cached_file
 
 from .configuration_barlow_twins import BarlowTwinsConfig
 from .modeling_barlow_twins import BarlowTwinsBackbone, BarlowTwinsModel, BarlowTwinsPreTrainedModel
@@ -48,15 +49,32 @@ def _timm_format(folder: Path) -> dict | None:
     return config if "architecture" in config and "pretrained_cfg" in config else None
 
 
+def _local_folder(source: str | os.PathLike) -> Path:
+    """A local folder as it is; a hub id as its snapshot in the HF cache (fetched unless offline)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    name = str(source)
+    if folder.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"Encoder folder {name!r} does not exist.")
+    try:
+        config = cached_file(name, "config.json")
+        cached_file(name, "model.safetensors")
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"{name} is neither a local folder nor a model on the hub (offline, HF_HUB_OFFLINE=1: only models in the "
+            f"local cache): {error}"
+        ) from error
+    return Path(config).parent
+
+
 def _read_encoder(source: EncoderSource) -> tuple[BarlowTwinsConfig, dict[str, torch.Tensor]]:
     """(config, the timm network's weights under timm's names) of a Barlow Twins model or folder
     (pretraining, encoder or classifier) or of a timm-format encoder folder."""
     if isinstance(source, BarlowTwinsPreTrainedModel):
         encoder = source if isinstance(source, BarlowTwinsModel) else source.barlow_twins
         return source.config, {k: v.detach() for k, v in encoder.backbone.state_dict().items()}
-    folder = Path(source).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Encoder folder {str(folder)!r} does not exist.")
+    folder = _local_folder(source)
     timm_config = _timm_format(folder)
     if timm_config is not None:
         data = timm_config["pretrained_cfg"]

@@ -111,3 +111,29 @@ def test_a_different_architecture_or_no_backbone_is_refused(pretrained_folder):
         load_encoder_into_backbones(torch.nn.Linear(2, 2), pretrained_folder)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         barlow_detr_for_object_detection(pretrained_folder.parent / "nowhere", LABELS, **TINY_DETR)
+
+
+@pytest.mark.slow
+def test_a_hub_id_in_the_local_cache_is_an_encoder_too(tmp_path, pretrained_folder):
+    """Offline, a hub id resolves to its snapshot in the HF cache (laid out as huggingface_hub does)."""
+    import shutil
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "cache" / "models--someone--barlow-encoder" / "snapshots" / ("0" * 40)
+    shutil.copytree(pretrained_folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    child = (
+        "import sys, torch; from modeling_barlow import barlow_upernet_for_semantic_segmentation as build\n"
+        "model = build('someone/barlow-encoder', {0: 'a', 1: 'b'}, hidden_size=8, auxiliary_channels=8)\n"
+        "torch.save(model.backbone.barlow_twins.backbone.state_dict(), sys.argv[1])\n"
+    )
+    env = {"HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", child, str(tmp_path / "state.pt")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = torch.load(tmp_path / "state.pt")
+    saved = _saved_backbone(pretrained_folder)
+    for key, value in state.items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
