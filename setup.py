@@ -32,7 +32,10 @@ setup(
         "jinja2>=3.0",
     ],
     extras_require={
-        "dev": ["pytest>=8.0"],
+        "dev": ["pytest>=8.0", "torchmetrics>=1.4", "pycocotools>=2.0.7"],
+        # Dense fine-tuning (barlow-finetune --task object-detection / semantic-segmentation):
+        # mAP (COCO protocol, pycocotools backend) and mIoU from torchmetrics.
+        "dense": ["torchmetrics>=1.4", "pycocotools>=2.0.7"],
         "tracking": ["tensorboard>=2.14"],
         # The peer library the benchmarks compare against (benchmarks/train_step_cpu.py, benchmarks/loss.py).
         "bench": ["lightly==1.6.0"],

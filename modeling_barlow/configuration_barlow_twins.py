@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import field
+from functools import lru_cache
 from typing import Any
 
 import timm
@@ -11,6 +13,7 @@ import torch
 from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg, is_model_in_modules
 from transformers import PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 
 __all__ = ["BarlowTwinsConfig"]
@@ -28,13 +31,31 @@ RESERVED_BACKBONE_KWARGS = {
 }
 
 
+@lru_cache(maxsize=32)
+def _feature_stages(backbone: str, timm_kwargs_json: str) -> tuple[tuple[str, int, int], ...]:
+    """(module name, channels, stride) of each stage timm's `forward_intermediates` returns, read from
+    `feature_info` of a network built on the meta device (no memory; cached per process)."""
+    with torch.device("meta"):
+        network = timm.create_model(backbone, pretrained=False, num_classes=0, **json.loads(timm_kwargs_json))
+    return tuple((info["module"], int(info["num_chs"]), int(info["reduction"])) for info in network.feature_info)
+
+
+def _per_channel(name: str, value: Any, num_channels: int) -> list[float]:
+    """A float (the same for every channel) or one value per channel, as a list of floats."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)] * num_channels
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{name} must be a number or a list of {num_channels} numbers (one per channel), got {value!r}.")
+    return [float(v) for v in value]
+
+
 def _unknown_backbone_message(name: str) -> str:
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Closest timm names: {', '.join(close)}." if close else " See timm.list_models() for the names."
     return f"backbone={name!r} is not a timm model (timm {timm.__version__}).{hint}"
 
 
-class BarlowTwinsConfig(PreTrainedConfig):
+class BarlowTwinsConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""Configuration for [`BarlowTwinsModel`], [`BarlowTwinsForPreTraining`] and
     [`BarlowTwinsForImageClassification`].
 
@@ -51,7 +72,12 @@ class BarlowTwinsConfig(PreTrainedConfig):
         off_diagonal_weight (`float`, defaults to 0.0051): the paper's lambda.
         loss_scale (`float`, defaults to 1.0): multiplies the whole loss.
         image_size, num_channels, image_mean, image_std, crop_pct, interpolation: preprocessing;
-            when left out they are resolved from timm's data config for `backbone`.
+            when left out they are resolved from timm's data config for `backbone`. `image_mean` and
+            `image_std` take one value per channel or a single number for all channels.
+        out_features (`list[str]`, *optional*), out_indices (`list[int]`, *optional*): the stages
+            [`BarlowTwinsBackbone`] returns, by name or index into `stage_names` (timm's `feature_info`
+            modules, e.g. `["act1", "layer1", "layer2", "layer3", "layer4"]` for a ResNet, where
+            `act1` is the stem). Default: the last stage.
 
     Example:
         >>> from modeling_barlow import BarlowTwinsConfig
@@ -71,8 +97,8 @@ class BarlowTwinsConfig(PreTrainedConfig):
     loss_scale: float = 1.0
     image_size: int | None = None
     num_channels: int | None = None
-    image_mean: list[float] | None = None
-    image_std: list[float] | None = None
+    image_mean: list[float] | float | None = None
+    image_std: list[float] | float | None = None
     crop_pct: float | None = None
     interpolation: str | None = None
 
@@ -81,7 +107,54 @@ class BarlowTwinsConfig(PreTrainedConfig):
         self._validate_backbone()
         self._validate_projector_and_loss()
         self._resolve_preprocessing()
+        # Backbone outputs: resolved against timm's stages only when asked for (that needs a meta build).
+        kwargs.pop("stage_names", None)  # derived from the backbone; a saved copy is only informative
+        out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
+        self._out_features = self._out_indices = None
+        if out_features is not None or out_indices is not None:
+            self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
         super().__post_init__(**kwargs)
+
+    # ------------------------------------------------------------------------- backbone stages
+    @property
+    def stage_names(self) -> list[str]:
+        """The stages a backbone can return: timm's `feature_info` module names, stem first for CNNs."""
+        return [name for name, _, _ in self.feature_stages()]
+
+    @stage_names.setter
+    def stage_names(self, value: Any) -> None:
+        pass  # always derived from the backbone (transformers' backbone code assigns it)
+
+    def feature_stages(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, channels, stride) of every stage, as timm's `feature_info` gives them."""
+        stages = _feature_stages(self.backbone, json.dumps(self.timm_kwargs(), sort_keys=True))
+        if self.small_image_stem:  # no stride-2 stem convolution and no max-pool: strides shrink 2x and 4x
+            stages = tuple((name, chs, 1 if i == 0 else stride // 4) for i, (name, chs, stride) in enumerate(stages))
+        return stages
+
+    def set_output_features_output_indices(self, out_features: list | None, out_indices: list | None) -> None:
+        # transformers' own check names the stages but not the valid indices, and wraps a negative
+        # index that is out of range (-10 of 5 stages) into a valid one; check first, saying what exists.
+        if out_indices is not None:
+            out_indices = list(out_indices)
+            count = len(self.stage_names)
+            bad = [i for i in out_indices if not isinstance(i, int) or isinstance(i, bool) or not -count <= i < count]
+            if bad:
+                raise ValueError(
+                    f"out_indices={out_indices} goes beyond the {count} stages of {self.backbone!r}; valid indices are 0 to {count - 1} "
+                    f"(or -{count} to -1): {self._describe_stages()}."
+                )
+        if out_features is not None:
+            unknown = [f for f in out_features if f not in self.stage_names]
+            if unknown:
+                raise ValueError(
+                    f"out_features={list(out_features)}: {', '.join(map(repr, unknown))} is not a stage of {self.backbone!r}; "
+                    f"its stages are {self._describe_stages()}."
+                )
+        super().set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+
+    def _describe_stages(self) -> str:
+        return ", ".join(f"{i}={name} ({chs} channels, stride {stride})" for i, (name, chs, stride) in enumerate(self.feature_stages()))
 
     def _validate_backbone(self) -> None:
         if not isinstance(self.backbone, str) or not timm.is_model(self.backbone):
@@ -155,8 +228,8 @@ class BarlowTwinsConfig(PreTrainedConfig):
         if len(mean) != self.num_channels:
             # timm's statistics are per RGB channel; other channel counts use their average.
             mean, std = [sum(mean) / len(mean)] * self.num_channels, [sum(std) / len(std)] * self.num_channels
-        self.image_mean = list(self.image_mean) if self.image_mean is not None else mean
-        self.image_std = list(self.image_std) if self.image_std is not None else std
+        self.image_mean = _per_channel("image_mean", self.image_mean, self.num_channels) if self.image_mean is not None else mean
+        self.image_std = _per_channel("image_std", self.image_std, self.num_channels) if self.image_std is not None else std
         if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
             raise ValueError(f"image_mean and image_std need {self.num_channels} values each (one per channel).")
         if any(s <= 0 for s in self.image_std):

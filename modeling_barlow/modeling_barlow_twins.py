@@ -1,10 +1,12 @@
 """Barlow Twins (Zbontar et al., ICML 2021) on any timm backbone, as transformers models.
 
-Three heads share one encoder, `BarlowTwinsModel`, stored under `barlow_twins.` so weights move
+Every head shares one encoder, `BarlowTwinsModel`, stored under `barlow_twins.` so weights move
 between them with `from_pretrained`:
 
 * `BarlowTwinsForPreTraining`: encoder, projector and the twin loss.
 * `BarlowTwinsForImageClassification`: encoder and a linear classifier (fine-tuning, probing).
+* `BarlowTwinsBackbone`: the encoder's stage feature maps, for transformers' dense heads
+  (`AutoBackbone`: DETR, UperNet, Mask2Former, ...).
 """
 
 from __future__ import annotations
@@ -16,14 +18,23 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_outputs import (
+    BackboneOutput,
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    ModelOutput,
+)
 from transformers.utils import can_return_tuple
 
+from .classification_loss import image_classification_loss
 from .configuration_barlow_twins import BarlowTwinsConfig
 from .loss import barlow_twins_loss
+from .timm_network import create_timm_network, forward_stages, initialise_missing_like_timm, stage_feature_maps
 
 
 __all__ = [
+    "BarlowTwinsBackbone",
     "BarlowTwinsForImageClassification",
     "BarlowTwinsForPreTraining",
     "BarlowTwinsForPreTrainingOutput",
@@ -38,6 +49,7 @@ AUTO_MAP = {
     "AutoModel": "modeling_barlow_twins.BarlowTwinsModel",
     "AutoModelForPreTraining": "modeling_barlow_twins.BarlowTwinsForPreTraining",
     "AutoModelForImageClassification": "modeling_barlow_twins.BarlowTwinsForImageClassification",
+    "AutoBackbone": "modeling_barlow_twins.BarlowTwinsBackbone",
 }
 
 
@@ -57,6 +69,8 @@ class BarlowTwinsForPreTrainingOutput(ModelOutput):
         projections_2 (`torch.FloatTensor` of shape `(batch_size, D)`, *optional*): second view.
         pooler_output (`torch.FloatTensor` of shape `(batch_size, num_features)`): encoder
             embedding of the first view.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states`, the
+            first view's stage feature maps (see [`BarlowTwinsModel.forward`]).
     """
 
     loss: torch.FloatTensor | None = None
@@ -66,29 +80,7 @@ class BarlowTwinsForPreTrainingOutput(ModelOutput):
     projections: torch.FloatTensor | None = None
     projections_2: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
-
-
-def _create_backbone(config: BarlowTwinsConfig) -> nn.Module:
-    """The headless timm network the config describes; timm's own initialisation is kept."""
-    backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.timm_kwargs())
-    if config.small_image_stem:
-        _use_small_image_stem(backbone, config.backbone)
-    return backbone
-
-
-def _use_small_image_stem(backbone: nn.Module, name: str) -> None:
-    # timm's ResNet has no option for this stem, so the 7x7/2 conv and the max-pool are swapped
-    # for a 3x3/1 conv of the same width: 32 px inputs keep their resolution into layer1.
-    stem = getattr(backbone, "conv1", None)
-    if not isinstance(stem, nn.Conv2d):
-        raise ValueError(
-            f"small_image_stem needs a single-convolution stem, but {name!r} has a deep stem "
-            f"({type(stem).__name__}). Use a plain ResNet such as resnet18 or resnet50."
-        )
-    conv = nn.Conv2d(stem.in_channels, stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    backbone.conv1 = conv
-    backbone.maxpool = nn.Identity()
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 # PIL's luminance weights ("L" mode); they sum to 1, so the luminance of images normalised with
@@ -105,6 +97,15 @@ def _to_backbone_channels(pixel_values: torch.Tensor, num_channels: int) -> torc
         weights = pixel_values.new_tensor(_LUMA).view(1, 3, 1, 1)
         return (pixel_values * weights).sum(1, keepdim=True)
     return pixel_values
+
+
+def init_linear_evaluation_head(head: nn.Linear, generator: torch.Generator | None = None) -> nn.Linear:
+    """The linear-evaluation protocol's head, as the authors initialise it: weights N(0, 0.01), zero
+    bias. The classifier's `_init_weights` and the training probes both use this one definition."""
+    with torch.no_grad():
+        init.normal_(head.weight, mean=0.0, std=0.01, generator=generator)
+        init.zeros_(head.bias)
+    return head
 
 
 class BarlowTwinsProjector(nn.Sequential):
@@ -129,14 +130,27 @@ class BarlowTwinsPreTrainedModel(PreTrainedModel):
     base_model_prefix = "barlow_twins"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    supports_gradient_checkpointing = False
+    # Through timm's own set_grad_checkpointing (ResNet, ConvNeXt, ViT, ... recompute per block).
+    supports_gradient_checkpointing = True
     # A pretraining folder also holds the projector, which the encoder and classifier don't use.
     _keys_to_ignore_on_load_unexpected = [r"projector\."]
 
+    def _initialize_weights(self, module: nn.Module, *args, **kwargs) -> None:
+        if isinstance(self, BarlowTwinsModel) and module is self.backbone:
+            # The timm network as a whole (transformers skips, for remote code, modules without
+            # parameters of their own, such as the network's root): transformers' generic init
+            # would overwrite timm's (e.g. ResNet's fan-out convs and zeroed last BatchNorms), so
+            # what a checkpoint lacked, or a network built on the meta device, gets timm's own
+            # values. A network built here by timm is marked initialised in __init__.
+            if not getattr(module, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    initialise_missing_like_timm(module, self.config)
+                module._is_hf_initialized = True
+            return
+        super()._initialize_weights(module, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # Only our heads: the backbone keeps timm's initialisation (transformers' generic one
-        # would overwrite it, e.g. ResNet's fan-out conv init and zeroed last BatchNorms).
         if isinstance(module, BarlowTwinsProjector):
             for layer in module:
                 if isinstance(layer, nn.Linear):  # nn.Linear's default, which the release uses
@@ -148,12 +162,17 @@ class BarlowTwinsPreTrainedModel(PreTrainedModel):
                     init.ones_(layer.running_var)
                     init.zeros_(layer.num_batches_tracked)
         elif isinstance(module, nn.Linear) and module is getattr(self, "classifier", None):
-            # The linear-evaluation protocol's head: N(0, 0.01), zero bias.
-            init.normal_(module.weight, mean=0.0, std=0.01)
-            init.zeros_(module.bias)
-        elif hasattr(module, "init_non_persistent_buffers"):
-            # from_pretrained builds on the meta device; buffers that are not saved must be rebuilt.
-            module.init_non_persistent_buffers()
+            init_linear_evaluation_head(module)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
+        # timm checkpoints its own blocks (its checkpoint_seq, non-reentrant); transformers' function
+        # and every_n_layers do not apply.
+        encoders = [m for m in self.modules() if isinstance(m, BarlowTwinsModel)]
+        for encoder in encoders:
+            if not hasattr(encoder.backbone, "set_grad_checkpointing"):
+                raise ValueError(f"timm's {type(encoder.backbone).__name__} does not support gradient checkpointing.")
+            encoder.backbone.set_grad_checkpointing(enable)
+            encoder.gradient_checkpointing = enable
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
@@ -168,14 +187,20 @@ class BarlowTwinsModel(BarlowTwinsPreTrainedModel):
         >>> import torch
         >>> from modeling_barlow import BarlowTwinsConfig, BarlowTwinsModel
         >>> model = BarlowTwinsModel(BarlowTwinsConfig(backbone="resnet18", projector_dims=[64])).eval()
-        >>> out = model(torch.randn(2, 3, 64, 64))
+        >>> out = model(torch.randn(2, 3, 64, 64), output_hidden_states=True)
         >>> out.pooler_output.shape, out.last_hidden_state.shape
         (torch.Size([2, 512]), torch.Size([2, 512, 2, 2]))
+        >>> [tuple(h.shape[1:]) for h in out.hidden_states]
+        [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]
     """
 
     def __init__(self, config: BarlowTwinsConfig):
         super().__init__(config)
-        self.backbone = _create_backbone(config)
+        self.backbone = create_timm_network(config)
+        self.gradient_checkpointing = False
+        if not any(p.is_meta for p in self.backbone.parameters()):
+            # timm has just initialised it; transformers' init pass must not redo it (see _initialize_weights).
+            self.backbone._is_hf_initialized = True
         self.post_init()
 
     @property
@@ -184,20 +209,35 @@ class BarlowTwinsModel(BarlowTwinsPreTrainedModel):
         return self.backbone.num_features
 
     @can_return_tuple
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`);
                 a one-channel encoder also takes three channels, which it turns into luminance.
+            output_hidden_states (`bool`, *optional*): also return every stage's feature map
+                (default: `config.output_hidden_states`).
 
         Returns:
             `BaseModelOutputWithPooling` with `last_hidden_state`, timm's `forward_features`
-            output ((B, C, H, W) for CNNs, (B, T, C) for ViTs), and `pooler_output`, the
-            pre-logits embedding of shape (B, num_features).
+            output ((B, C, H, W) for CNNs, (B, T, C) for ViTs), `pooler_output`, the pre-logits
+            embedding of shape (B, num_features), and with `output_hidden_states` `hidden_states`:
+            one (B, C_i, H_i, W_i) map per stage of `config.stage_names`, as timm's
+            `forward_intermediates` gives them (ResNet: the stem, before its max-pool, then each
+            layer, like transformers' ResNetModel; ViT: each block's patch tokens as a map).
         """
-        features = self.backbone.forward_features(_to_backbone_channels(pixel_values, self.config.num_channels))
+        pixel_values = _to_backbone_channels(pixel_values, self.config.num_channels)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        hidden_states = None
+        if output_hidden_states:
+            features, maps = forward_stages(self.backbone, pixel_values)
+            hidden_states = tuple(maps)
+        else:
+            features = self.backbone.forward_features(pixel_values)
         pooled = self.backbone.forward_head(features, pre_logits=True)
-        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
+        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled, hidden_states=hidden_states)
 
 
 class BarlowTwinsForPreTraining(BarlowTwinsPreTrainedModel):
@@ -221,13 +261,13 @@ class BarlowTwinsForPreTraining(BarlowTwinsPreTrainedModel):
         self.projector = BarlowTwinsProjector(self.barlow_twins.num_features, config.projector_dims)
         self.post_init()
 
-    def _embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.barlow_twins(pixel_values).pooler_output
-        return pooled, self.projector(pooled)
-
     @can_return_tuple
     def forward(
-        self, pixel_values: torch.Tensor, pixel_values_2: torch.Tensor | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        pixel_values_2: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
     ) -> BarlowTwinsForPreTrainingOutput:
         r"""
         Args:
@@ -238,10 +278,12 @@ class BarlowTwinsForPreTraining(BarlowTwinsPreTrainedModel):
         """
         # Each view passes the network on its own, so BatchNorm statistics are per view, as in
         # the authors' release (concatenating the views would mix their statistics).
-        pooled, projections = self._embed(pixel_values)
+        encoded = self.barlow_twins(pixel_values, output_hidden_states=output_hidden_states)
+        pooled = encoded.pooler_output
+        projections = self.projector(pooled)
         projections_2 = loss = None
         if pixel_values_2 is not None:
-            _, projections_2 = self._embed(pixel_values_2)
+            projections_2 = self.projector(self.barlow_twins(pixel_values_2).pooler_output)
             loss = barlow_twins_loss(
                 projections, projections_2, self.config.off_diagonal_weight, self.config.loss_scale
             )
@@ -253,6 +295,7 @@ class BarlowTwinsForPreTraining(BarlowTwinsPreTrainedModel):
             projections=projections,
             projections_2=projections_2,
             pooler_output=pooled,
+            hidden_states=encoded.hidden_states,
         )
 
 
@@ -294,20 +337,91 @@ class BarlowTwinsForImageClassification(BarlowTwinsPreTrainedModel):
 
     @can_return_tuple
     def forward(
-        self, pixel_values: torch.Tensor, labels: torch.LongTensor | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
     ) -> ImageClassifierOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`).
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class indices; gives
-                a cross-entropy `loss`.
+            labels (`torch.Tensor`, *optional*): gives a `loss` chosen by `config.problem_type`, as in
+                transformers' classifiers: class ids (B,) for cross-entropy, (B, num_labels) 0/1
+                targets for multi-label binary cross-entropy, numbers for regression (MSE). Unset, it
+                is inferred: one label is regression, integer labels are class ids, others multi-label.
+            output_hidden_states (`bool`, *optional*): also return the encoder's stage feature maps.
 
         Returns:
             `ImageClassifierOutput` with `logits` of shape (batch_size, num_labels).
         """
-        pooled = self.barlow_twins(pixel_values).pooler_output
-        logits = self.classifier(pooled)
+        encoded = self.barlow_twins(pixel_values, output_hidden_states=output_hidden_states)
+        logits = self.classifier(encoded.pooler_output)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
-        return ImageClassifierOutput(loss=loss, logits=logits)
+            loss = image_classification_loss(logits, labels, self.config)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+
+
+class BarlowTwinsBackbone(BackboneMixin, BarlowTwinsPreTrainedModel):
+    """The encoder as a transformers backbone: the feature maps of the stages in
+    `config.out_features` (or `out_indices`), for dense heads (DETR, UperNet, Mask2Former, ...).
+
+    Stages are timm's `feature_info` (`config.stage_names`); `channels` lists the widths of the
+    returned maps. A ViT returns each chosen block's patch tokens as a (B, C, H/patch, W/patch) map.
+    Loads from a pretraining, encoder or classifier folder: `AutoBackbone.from_pretrained(folder,
+    out_indices=[1, 2, 3, 4])`.
+
+    Example:
+        >>> import torch
+        >>> from modeling_barlow import BarlowTwinsBackbone, BarlowTwinsConfig
+        >>> config = BarlowTwinsConfig(backbone="resnet18", projector_dims=[64], out_indices=[2, 3, 4])
+        >>> backbone = BarlowTwinsBackbone(config).eval()
+        >>> backbone.channels
+        [128, 256, 512]
+        >>> [tuple(m.shape) for m in backbone(torch.randn(1, 3, 64, 64)).feature_maps]
+        [(1, 128, 8, 8), (1, 256, 4, 4), (1, 512, 2, 2)]
+    """
+
+    has_attentions = False
+    _keys_to_ignore_on_load_unexpected = [r"projector\.", r"classifier\."]
+
+    def __init__(self, config: BarlowTwinsConfig):
+        super().__init__(config)
+        self.barlow_twins = BarlowTwinsModel(config)
+        network = self.barlow_twins.backbone
+        self.num_features = [int(info["num_chs"]) for info in network.feature_info]
+        if config.out_features is None:  # transformers' default: the last stage
+            config.set_output_features_output_indices(out_features=None, out_indices=None)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`).
+            output_hidden_states (`bool`, *optional*): also return every stage's map.
+
+        Returns:
+            `BackboneOutput` with `feature_maps`, one (B, C_i, H_i, W_i) map per stage in
+            `out_features`, in order.
+        """
+        if output_attentions:
+            raise ValueError("BarlowTwinsBackbone has no attention maps to return (output_attentions=True).")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        wanted = [self.stage_names.index(name) for name in self.out_features]
+        network = self.barlow_twins.backbone
+        pixel_values = _to_backbone_channels(pixel_values, self.config.num_channels)
+        if output_hidden_states:
+            _, maps = forward_stages(network, pixel_values)
+            return BackboneOutput(feature_maps=tuple(maps[i] for i in wanted), hidden_states=tuple(maps))
+        # Only what is asked for: timm stops after the last wanted stage.
+        maps = stage_feature_maps(network, pixel_values, wanted)
+        return BackboneOutput(feature_maps=tuple(maps))

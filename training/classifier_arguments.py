@@ -155,6 +155,12 @@ class FinetuningArguments:
         help="Start afresh in an --output_dir that holds an earlier run: its model and logs are removed first "
              "(other files are kept).",
     )
+    task: str = field(
+        default="image-classification",
+        metadata={"help": "image-classification, or object-detection / semantic-segmentation (DETR / UperNet on the "
+                          "encoder; `barlow-finetune --task object-detection --help` lists their options).",
+                  "choices": ["image-classification", "object-detection", "semantic-segmentation"]},
+    )
     num_train_epochs: float = shared_field(PretrainingArguments, "num_train_epochs", default=20)
     per_device_train_batch_size: int = shared_field(PretrainingArguments, "per_device_train_batch_size")
     learning_rate: float = field(default=0.005, metadata={"help": "Learning rate of the backbone."})

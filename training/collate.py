@@ -68,8 +68,9 @@ def _to_mode(image: PILImage.Image, mode: str) -> PILImage.Image:
 _IMAGE_VALUE_TYPES = (PILImage.Image, np.ndarray, bytes, bytearray, memoryview, str, os.PathLike, dict)
 
 
-def decode_image(value: Any, mode: str = "RGB") -> PILImage.Image | None:
-    """Read one image value and convert it to ``mode`` ("RGB": 3 channels, "L": 1 channel).
+def decode_image(value: Any, mode: str | None = "RGB") -> PILImage.Image | None:
+    """Read one image value and convert it to ``mode`` ("RGB": 3 channels, "L": 1 channel; None:
+    as stored, for segmentation masks, whose palette indices or 16-bit values are class ids).
 
     ``value``: a PIL image, ``{"bytes": ..., "path": ...}``, raw bytes, a path, or a numpy array
     (H, W), (H, W, C) or (C, H, W) (floats with max <= 1 are scaled by 255). Transparent images
@@ -84,7 +85,7 @@ def decode_image(value: Any, mode: str = "RGB") -> PILImage.Image | None:
     try:
         image = _open(value)
         image.load()  # PIL decodes lazily: surface truncation errors here
-        return _to_mode(image, mode)
+        return image if mode is None else _to_mode(image, mode)
     except Exception as err:  # noqa: BLE001 - any unreadable image is skipped by the caller
         logger.debug("Unreadable image (%s: %s)", type(err).__name__, err)
         return None

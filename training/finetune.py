@@ -33,6 +33,7 @@ from barlow_cli import parse_arguments, prepare_output_dir, run_command, setup_l
 
 from .arguments import DataArguments, HubArguments
 from .classifier_arguments import FinetuningArguments, PretrainedModelArguments, SupervisedDataArguments
+from .dense.arguments import DENSE_TASKS, requested_task
 from .optim import create_scheduler, warmup_steps_from_epochs
 from .classifier_training import classifier_optimizer, evaluate_classifier, fit_classifier
 from .collective import create_accelerator
@@ -53,6 +54,10 @@ RUN_FILES = (
 
 
 def main(argv: list[str] | None = None) -> None:
+    if requested_task(argv) in DENSE_TASKS:  # detection and segmentation: their own script
+        from .dense.finetune import main as finetune_dense
+
+        return finetune_dense(argv)
     data_args, supervised_args, model_args, train_args, hub_args = parse_arguments(
         ARGUMENT_TYPES, argv, description=__doc__
     )

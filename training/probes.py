@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling_barlow import init_linear_evaluation_head
+
 from .features import extract_features
 from .labelled_data import LabelledData
 from .optim import create_scheduler
@@ -105,11 +107,7 @@ def _cache_key(model: ModelSource, data: LabelledData, split: str) -> dict:
 # ------------------------------------------------------------------------------------ linear heads
 def linear_head(num_features: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
     """The linear-evaluation head: weights N(0, 0.01), zero bias."""
-    head = nn.Linear(num_features, num_classes)
-    with torch.no_grad():
-        head.weight.normal_(0.0, 0.01, generator=generator)
-        head.bias.zero_()
-    return head
+    return init_linear_evaluation_head(nn.Linear(num_features, num_classes), generator)
 
 
 def fit_linear_head(
