@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from modeling_barlow import BarlowTwinsConfig
+
 from .augment.params import ViewAugmentationParams, barlow_twins_view_params
 
 
@@ -81,13 +83,29 @@ class ModelArguments:
     off_diagonal_weight: float = field(default=0.0051, metadata={"help": "The paper's lambda."})
     loss_scale: float = field(default=1.0, metadata={"help": "Multiplies the whole loss."})
     image_size: int | None = field(
-        default=None, metadata={"help": "Training resolution; defaults to the backbone's input size."}
+        default=None,
+        metadata={"help": "Training resolution; defaults to the backbone's input size. Vision Transformers (ViT, "
+                          "DeiT, Swin, ...) are built for it; it must be a multiple of their patch size."},
     )
 
     def __post_init__(self):
         parse_projector_dims(self.projector_dims)
         self.backbone_kwargs_dict()
         _positive("image_size", self.image_size)
+        if not self.model_name_or_path:
+            self.barlow_config()  # an impossible backbone, size or stem is a usage error, before any work
+
+    def barlow_config(self) -> BarlowTwinsConfig:
+        """The config of a new model with these options (ValueError, saying what to change, if invalid)."""
+        return BarlowTwinsConfig(
+            backbone=self.backbone,
+            backbone_kwargs=self.backbone_kwargs_dict(),
+            small_image_stem=self.small_image_stem,
+            projector_dims=parse_projector_dims(self.projector_dims),
+            off_diagonal_weight=self.off_diagonal_weight,
+            loss_scale=self.loss_scale,
+            image_size=self.image_size,
+        )
 
     def backbone_kwargs_dict(self) -> dict[str, Any]:
         if not self.backbone_kwargs:
@@ -229,6 +247,17 @@ class OutputArguments:
     knn_eval_steps: int | None = field(default=None, metadata={"help": "Run the kNN monitor every N steps (and at the end)."})
     knn_k: int = field(default=20, metadata={"help": "Neighbours for the kNN monitor (200 for ImageNet-size data)."})
     knn_temperature: float = field(default=0.1, metadata={"help": "Temperature of the kNN votes."})
+    rankme_samples: int = field(
+        default=256,
+        metadata={"help": "Collapse monitor: at every logging step, the RankMe (effective rank, Garrido et al. 2023) "
+                          "of the embeddings of this many held-out images, logged as rankme (encoder) and "
+                          "rankme_projections. It needs no labels. 0 turns it off."},
+    )
+    rankme_warning_threshold: float = field(
+        default=2.0,
+        metadata={"help": "Warn when the encoder's RankMe falls below this: 1 means every image gets the same "
+                          "embedding direction (complete collapse). 0 never warns."},
+    )
 
     def __post_init__(self):
         if not self.output_dir:
@@ -241,6 +270,10 @@ class OutputArguments:
         _positive("knn_k", self.knn_k)
         if self.knn_temperature <= 0:
             raise ValueError("--knn_temperature must be > 0.")
+        if self.rankme_samples == 1 or self.rankme_samples < 0:
+            raise ValueError(f"--rankme_samples must be 0 (off) or at least 2, got {self.rankme_samples}.")
+        if not self.rankme_warning_threshold >= 0:
+            raise ValueError(f"--rankme_warning_threshold must be >= 0, got {self.rankme_warning_threshold}.")
 
 
 def _check_min_crop_scale(value: float) -> None:

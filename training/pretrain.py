@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 
 from barlow_cli import parse_arguments
 from modeling_barlow import (
-    BarlowTwinsConfig,
     BarlowTwinsForPreTraining,
     GlobalBatchNorm,
     convert_to_global_batchnorm,
@@ -42,11 +41,11 @@ from .arguments import (
     ModelArguments,
     OutputArguments,
     PretrainingArguments,
-    parse_projector_dims,
 )
 from .augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTransform
 from .checkpointing import TrainerState, load_checkpoint, save_checkpoint, truncate_history
 from .collate import TwoViewCollator, whole_batches
+from .collapse import RankMeMonitor
 from .collective import all_processes, is_finite_later
 from .data import (
     count_examples,
@@ -70,16 +69,7 @@ class TrainingStopped(RuntimeError):
 def build_model(model_args: ModelArguments) -> BarlowTwinsForPreTraining:
     if model_args.model_name_or_path:
         return BarlowTwinsForPreTraining.from_pretrained(model_args.model_name_or_path)
-    config = BarlowTwinsConfig(
-        backbone=model_args.backbone,
-        backbone_kwargs=model_args.backbone_kwargs_dict(),
-        small_image_stem=model_args.small_image_stem,
-        projector_dims=parse_projector_dims(model_args.projector_dims),
-        off_diagonal_weight=model_args.off_diagonal_weight,
-        loss_scale=model_args.loss_scale,
-        image_size=model_args.image_size,
-    )
-    return BarlowTwinsForPreTraining(config)
+    return BarlowTwinsForPreTraining(model_args.barlow_config())
 
 
 def plan_steps(num_examples: int | None, data_args, train_args, num_processes: int) -> tuple[int | None, int, int]:
@@ -238,6 +228,8 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
         logger.info(f"Resumed from {path} at step {state.global_step} (epoch {state.epoch}).", main_process_only=True)
 
     knn = KnnMonitor.create(out_args, config, accelerator) if out_args.knn_eval_dataset else None
+    collapse = (RankMeMonitor.create(data_args, config, accelerator, out_args.rankme_samples, out_args.rankme_warning_threshold)
+                if out_args.rankme_samples else None)
     run_config = {
         **asdict(data_args), **asdict(model_args), **asdict(train_args), **asdict(out_args),
         "global_batch_size": global_batch, "total_steps": total_steps, "warmup_steps": warmup_steps,
@@ -351,6 +343,9 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
 
             if state.global_step % out_args.logging_steps == 0 or state.global_step == total_steps:
                 metrics = _log_window(accelerator, window, scheduler, state, global_batch, train_args, progress)
+                if collapse is not None:  # RankMe, measured outside the window that gives images/s
+                    metrics.update(collapse.measure(accelerator.unwrap_model(model, keep_torch_compile=False), state.global_step))
+                    window["start"] = time.perf_counter()
                 if accelerator.is_main_process:  # the whole history, for plots and comparisons
                     with open(output_dir / "log_history.jsonl", "a") as history:
                         history.write(json.dumps({"step": state.global_step, **metrics}) + "\n")
