@@ -19,7 +19,7 @@ from .features import extract_features, knn_top1
 from .plots import plot_cross_correlation, summarise_cross_correlation
 
 
-__all__ = ["KnnMonitor", "eval_transform", "labelled_loaders", "plot_held_out_cross_correlation"]
+__all__ = ["KnnMonitor", "eval_transform", "held_out_examples", "labelled_loaders", "plot_held_out_cross_correlation"]
 
 logger = logging.getLogger(__name__)
 HELD_OUT_SPLITS = ("validation", "test")
@@ -97,6 +97,23 @@ def _first_examples(dataset: Any, count: int) -> list[dict]:
     return list(stream.take(count))
 
 
+def held_out_examples(data_args, count: int) -> tuple[list[dict], str, str]:
+    """The first `count` undecoded examples of the training data's validation or test split, or
+    of its training split when it has neither; with their image column and which it was
+    ("held-out" or "training"). The C plot and the collapse monitor look at these images."""
+    name = data_args.train_dir or data_args.dataset_name
+    kwargs = {"dataset_config_name": data_args.dataset_config_name, "streaming": True, "cache_dir": data_args.cache_dir}
+    held_out = None if data_args.train_dir else _load_held_out(name, **kwargs)
+    source = "held-out"
+    if held_out is None:
+        dataset = load_image_dataset(data_args.dataset_name, split=data_args.train_split, train_dir=data_args.train_dir, **kwargs)
+        source = "training"
+    else:
+        dataset = held_out[0]
+    image_column = resolve_image_column(dataset)
+    return _first_examples(dataset, count), image_column, source
+
+
 def plot_held_out_cross_correlation(
     model: BarlowTwinsForPreTraining,
     data_args,
@@ -110,16 +127,8 @@ def plot_held_out_cross_correlation(
     collated batch into the two model inputs, as in training.
 
     Every process computes the same batch, so the global C equals the local one."""
-    name = data_args.train_dir or data_args.dataset_name
-    kwargs = {"dataset_config_name": data_args.dataset_config_name, "streaming": True, "cache_dir": data_args.cache_dir}
-    held_out = None if data_args.train_dir else _load_held_out(name, **kwargs)
-    source = "held-out"
-    if held_out is None:
-        dataset = load_image_dataset(data_args.dataset_name, split=data_args.train_split, train_dir=data_args.train_dir, **kwargs)
-        source = "training"
-    else:
-        dataset = held_out[0]
-    batch = collator(_first_examples(dataset, PLOT_BATCH))
+    examples, _, source = held_out_examples(data_args, PLOT_BATCH)
+    batch = collator(examples)
     if batch["pixel_values"].shape[0] < 2:
         logger.warning("No readable batch to plot the cross-correlation matrix.")
         return {}
