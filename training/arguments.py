@@ -255,8 +255,9 @@ class OutputArguments:
     )
     rankme_warning_threshold: float = field(
         default=2.0,
-        metadata={"help": "Warn when the encoder's RankMe falls below this: 1 means every image gets the same "
-                          "embedding direction (complete collapse). 0 never warns."},
+        metadata={"help": "Warn when the encoder's RankMe falls below this, or ends the run below it: 1 means "
+                          "every image gets the same embedding direction (complete collapse). A new network may "
+                          "start below it. 0 never warns."},
     )
 
     def __post_init__(self):

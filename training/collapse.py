@@ -52,7 +52,10 @@ class RankMeMonitor:
     Attributes:
         pixel_values: (N, C, S, S), the batch as the model's image processor prepares it (no
             augmentation), so successive values compare the same images.
-        threshold: log a warning when `rankme` falls below it (0: never).
+        threshold: log a warning when `rankme` falls below it, and at the last step if it ends
+            below it (0: never). A freshly initialised network may start below: the mean of its
+            features (after a ReLU, all positive) dominates the singular values until it learns,
+            so starting low is not a warning.
         source: "held-out" (the dataset's validation or test split) or "training".
     """
 
@@ -60,6 +63,8 @@ class RankMeMonitor:
     pixel_values: torch.Tensor
     threshold: float
     source: str
+    _was_above: bool = False  # some earlier value was at or above the threshold
+    _warned: bool = False  # warned since the last value at or above it
 
     @classmethod
     def create(
@@ -80,9 +85,10 @@ class RankMeMonitor:
         return cls(accelerator, torch.stack(pixels), threshold, source)
 
     @torch.no_grad()
-    def measure(self, model: BarlowTwinsForPreTraining, step: int) -> dict[str, float]:
+    def measure(self, model: BarlowTwinsForPreTraining, step: int, last: bool = False) -> dict[str, float]:
         """{"rankme": ..., "rankme_projections": ...} for the model now (an empty dict on other
-        processes than the main one). The model is in eval mode for the measurement only."""
+        processes than the main one). The model is in eval mode for the measurement only.
+        `last`: the run's last step, where a value below the threshold warns in any case."""
         values: dict[str, float] = {}
         if self.accelerator.is_main_process:
             was_training = model.training
@@ -95,12 +101,20 @@ class RankMeMonitor:
             values = {"rankme": rankme(out.pooler_output.flatten(1)), "rankme_projections": rankme(out.projections)}
             self.accelerator.log(values, step=step)
             logger.info(f"step {step}: RankMe {values['rankme']:.1f} (encoder), {values['rankme_projections']:.1f} (projector)")
-            if values["rankme"] < self.threshold:
-                logger.warning(
-                    f"step {step}: the encoder's RankMe is {values['rankme']:.1f}, below --rankme_warning_threshold "
-                    f"{self.threshold:g} (at most {min(self.pixel_values.shape[0], out.pooler_output.shape[1])} here): "
-                    f"its embeddings are collapsing onto few directions. Lower the learning rates; for a Vision "
-                    f"Transformer use AdamW (benchmarks/configs/vit_adamw.yaml) rather than LARS."
-                )
+            self._check(values["rankme"], step, last, most=min(self.pixel_values.shape[0], out.pooler_output.shape[1]))
         self.accelerator.wait_for_everyone()
         return values
+
+    def _check(self, value: float, step: int, last: bool, most: int) -> None:
+        if value >= self.threshold:
+            self._was_above, self._warned = True, False
+            return
+        if self._warned or not (self._was_above or last):
+            return
+        self._warned = True
+        how = "fell" if self._was_above else "ended"
+        logger.warning(
+            f"step {step}: the encoder's RankMe {how} to {value:.1f}, below --rankme_warning_threshold "
+            f"{self.threshold:g} (at most {most} here): its embeddings collapse onto few directions. Lower the "
+            f"learning rates; for a Vision Transformer use AdamW (benchmarks/configs/vit_adamw.yaml) rather than LARS."
+        )

@@ -344,7 +344,8 @@ def train(data_args: DataArguments, model_args: ModelArguments, train_args: Pret
             if state.global_step % out_args.logging_steps == 0 or state.global_step == total_steps:
                 metrics = _log_window(accelerator, window, scheduler, state, global_batch, train_args, progress)
                 if collapse is not None:  # RankMe, measured outside the window that gives images/s
-                    metrics.update(collapse.measure(accelerator.unwrap_model(model, keep_torch_compile=False), state.global_step))
+                    metrics.update(collapse.measure(accelerator.unwrap_model(model, keep_torch_compile=False),
+                                                    state.global_step, last=state.global_step == total_steps))
                     window["start"] = time.perf_counter()
                 if accelerator.is_main_process:  # the whole history, for plots and comparisons
                     with open(output_dir / "log_history.jsonl", "a") as history:
