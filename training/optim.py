@@ -153,7 +153,7 @@ def create_optimizer(
     if key == "lars":
         if has_transformer_tokens(model):
             logger.warning(
-                "LARS on a Vision Transformer: it is known to collapse ViTs' representations (watch rankme in the "
+                "LARS on a Vision Transformer: it is reported to collapse ViTs' representations (watch rankme in the "
                 "logs). The ViT recipe is AdamW with warm-up and cosine: --config benchmarks/configs/vit_adamw.yaml "
                 "(see benchmarks/RESULTS.md)."
             )
