@@ -117,6 +117,24 @@ try:
     record["random_init_knn_top1"] = random_init["knn_top1"]
 except (OSError, ValueError) as error:
     record["random_init_error"] = str(error)
+# Where the trajectories start: RankMe of the same network newly initialised with the seed, measured
+# as the runs measure it (the first 256 test images, eval mode, bf16 autocast).
+try:
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate import Accelerator
+    from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining
+    from training.collapse import RankMeMonitor
+
+    config = BarlowTwinsConfig.from_pretrained(work / recipes[0])
+    torch.manual_seed(seed)
+    data_args = SimpleNamespace(dataset_name=data, train_dir=None, dataset_config_name=None, cache_dir=None,
+                                train_split="train")
+    monitor = RankMeMonitor.create(data_args, config, Accelerator(cpu=True, mixed_precision="bf16"), 256, 0.0)
+    record["random_init_rankme"] = monitor.measure(BarlowTwinsForPreTraining(config), step=0)
+except (OSError, ValueError) as error:
+    record["random_init_rankme"] = {"error": str(error)}
 # The keys at the top level: the AdamW recipe's, LARS's beside them for contrast.
 for name, prefix in (("adamw", ""), ("lars", "lars_")):
     result = record["recipes"].get(name, {})
