@@ -327,7 +327,7 @@ def create_model_card(
         training_source = (
             f"Pretrained with Barlow Twins (`barlow-pretrain`) on {data}, without labels. The run's arguments:"
         )
-    num_features = _num_features(config)
+    num_features, pooling = _encoder_features(config)
     summary = (
         f"A {config.backbone} image encoder pretrained with Barlow Twins, a self-supervised method: it turns an image "
         f"into a {num_features}-dimensional feature vector for retrieval, linear probing or fine-tuning."
@@ -345,6 +345,7 @@ def create_model_card(
         backbone_kwargs=json.dumps(config.backbone_kwargs) if config.backbone_kwargs else "",
         small_image_stem=config.small_image_stem,
         num_features=num_features,
+        pooling=pooling,
         num_channels=config.num_channels,
         image_size=config.image_size,
         resize_size=resize,
@@ -371,9 +372,20 @@ def create_model_card(
     )
 
 
-def _num_features(config: Any) -> int:
-    # Built on the meta device: the width is all that is needed, not weights or memory.
+# timm's global_pool names for token sequences (ViT, DeiT, EVA, ...): what the pooled features are.
+_TOKEN_POOLING = {
+    "token": "the class token",
+    "avg": "the mean of the patch tokens",
+    "avgmax": "the mean and maximum of the patch tokens",
+    "max": "the maximum of the patch tokens",
+    "map": "attention pooling of the tokens",
+}
+
+
+def _encoder_features(config: Any) -> tuple[int, str]:
+    """(width of the pooled features, how timm pools them: "" for CNNs' spatial pooling)."""
+    # Built on the meta device: the width and pooling are all that is needed, not weights or memory.
     with torch.device("meta"):
-        return timm.create_model(
-            config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs
-        ).num_features
+        network = timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
+    pool = getattr(network, "global_pool", None)
+    return network.num_features, _TOKEN_POOLING.get(pool, "") if isinstance(pool, str) else ""

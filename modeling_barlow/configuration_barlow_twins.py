@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import json
 from dataclasses import field
-from functools import lru_cache
 from typing import Any
 
 import timm
@@ -31,12 +32,11 @@ RESERVED_BACKBONE_KWARGS = {
 }
 
 
-@lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=32)
 def _feature_stages(backbone: str, timm_kwargs_json: str) -> tuple[tuple[str, int, int], ...]:
     """(module name, channels, stride) of each stage timm's `forward_intermediates` returns, read from
     `feature_info` of a network built on the meta device (no memory; cached per process)."""
-    with torch.device("meta"):
-        network = timm.create_model(backbone, pretrained=False, num_classes=0, **json.loads(timm_kwargs_json))
+    network = _build_on_meta(backbone, json.loads(timm_kwargs_json))
     return tuple((info["module"], int(info["num_chs"]), int(info["reduction"])) for info in network.feature_info)
 
 
@@ -47,6 +47,79 @@ def _per_channel(name: str, value: Any, num_channels: int) -> list[float]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise ValueError(f"{name} must be a number or a list of {num_channels} numbers (one per channel), got {value!r}.")
     return [float(v) for v in value]
+
+
+def _has_fixed_input_size(name: str) -> bool:
+    """Whether timm builds `name` for one input size (position embeddings, fixed windows)."""
+    pretrained_cfg = get_pretrained_cfg(name)
+    return pretrained_cfg is None or bool(pretrained_cfg.fixed_input_size)
+
+
+def _default_input_size(name: str) -> int:
+    pretrained_cfg = get_pretrained_cfg(name)
+    return int(resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})["input_size"][-1])
+
+
+def _build_on_meta(name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    # Arguments can be wrong in ways only timm knows; a build on the meta device (no memory,
+    # 0.05 to 0.2 s) reports them at configuration rather than at model construction.
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except (TypeError, ValueError, AssertionError) as error:
+        shown = {k: v for k, v in kwargs.items() if k != "zero_init_last"}
+        raise ValueError(f"timm cannot build {name!r} with backbone_kwargs={shown}: {error}") from error
+
+
+@functools.lru_cache(maxsize=None)
+def _constructor_arguments(name: str) -> frozenset[str]:
+    """The arguments of the class timm builds for `name`: its entry point hides them in **kwargs,
+    and subclasses (DeiT distilled, LeViT distilled) pass theirs on to the parent's in **kwargs."""
+    names: set[str] = set()
+    for cls in type(_build_on_meta(name, {})).__mro__:
+        if cls is torch.nn.Module:
+            break
+        if "__init__" not in vars(cls):
+            continue
+        parameters = inspect.signature(vars(cls)["__init__"]).parameters.values()
+        names |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return frozenset(names)
+
+
+@functools.lru_cache(maxsize=128)
+def _check_network(
+    name: str, kwargs_json: str, image_size: int, num_channels: int, small_image_stem: bool, check_input_size: bool
+) -> None:
+    """Raise ValueError if timm cannot build `name` with these arguments, or (`check_input_size`)
+    cannot run it on `image_size` px inputs. Cached: configs are rebuilt often (from_pretrained)."""
+    kwargs = json.loads(kwargs_json)
+    network = _build_on_meta(name, kwargs)
+    if small_image_stem and not isinstance(getattr(network, "conv1", None), torch.nn.Conv2d):
+        raise ValueError(
+            f"small_image_stem needs a single-convolution stem, but {name!r} has a deep stem. "
+            f"Use a plain ResNet such as resnet18 or resnet50."
+        )
+    if not check_input_size:
+        return
+    patch = getattr(getattr(network, "patch_embed", None), "patch_size", None)
+    if patch is not None and not kwargs.get("dynamic_img_pad", False):
+        patch = max(patch) if isinstance(patch, (tuple, list)) else int(patch)
+        if image_size % patch:
+            fits = sorted({max(patch, image_size // patch * patch), (image_size // patch + 1) * patch})
+            raise ValueError(
+                f"image_size={image_size} is not a multiple of the patch size {patch} of {name!r}. Use image_size "
+                f"{' or '.join(map(str, fits))}, or a patch size that divides {image_size} "
+                f'(backbone_kwargs={{"patch_size": ...}}).'
+            )
+    try:
+        with torch.no_grad():
+            network.eval().forward_features(torch.empty(2, num_channels, image_size, image_size, device="meta"))
+    except NotImplementedError:
+        return  # an operation the meta device lacks: the real forward will tell
+    except (AssertionError, RuntimeError, ValueError) as error:
+        raise ValueError(f"{name!r} cannot take {image_size} px inputs: {error}") from error
 
 
 def _unknown_backbone_message(name: str) -> str:
@@ -107,6 +180,7 @@ class BarlowTwinsConfig(BackboneConfigMixin, PreTrainedConfig):
         self._validate_backbone()
         self._validate_projector_and_loss()
         self._resolve_preprocessing()
+        self._fit_backbone_to_input_size()
         # Backbone outputs: resolved against timm's stages only when asked for (that needs a meta build).
         kwargs.pop("stage_names", None)  # derived from the backbone; a saved copy is only informative
         out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
@@ -167,24 +241,37 @@ class BarlowTwinsConfig(BackboneConfigMixin, PreTrainedConfig):
                 f"small_image_stem=True applies to timm's ResNet family (resnet18, resnet50, ...), "
                 f"not to {self.backbone!r}. Set small_image_stem=False, or pick a ResNet backbone."
             )
-        if self.backbone_kwargs or self.small_image_stem:
-            self._check_buildable()
 
-    def _check_buildable(self) -> None:
-        # Extra arguments can be wrong in ways only timm knows; a build on the meta device
-        # (no memory, ~0.1 s) reports them now rather than at model construction.
-        try:
-            with torch.device("meta"):
-                network = timm.create_model(self.backbone, pretrained=False, num_classes=0, **self.timm_kwargs())
-        except (TypeError, ValueError, AssertionError) as error:
-            raise ValueError(
-                f"timm cannot build {self.backbone!r} with backbone_kwargs={self.backbone_kwargs}: {error}"
-            ) from error
-        if self.small_image_stem and not isinstance(getattr(network, "conv1", None), torch.nn.Conv2d):
-            raise ValueError(
-                f"small_image_stem needs a single-convolution stem, but {self.backbone!r} has a deep stem. "
-                f"Use a plain ResNet such as resnet18 or resnet50."
-            )
+    def _fit_backbone_to_input_size(self) -> None:
+        """Give `image_size` to backbones built for one input size (ViT, DeiT, Swin, ...), then
+        check on the meta device that the network builds and takes `image_size` inputs."""
+        fixed_size = _has_fixed_input_size(self.backbone)
+        if not (fixed_size or self.backbone_kwargs or self.small_image_stem):
+            return  # a stock CNN: any input size, nothing timm could refuse
+        if fixed_size:
+            self._pass_image_size()
+        _check_network(
+            self.backbone, json.dumps(self.timm_kwargs(), sort_keys=True), self.image_size, self.num_channels,
+            self.small_image_stem, fixed_size,
+        )
+
+    def _pass_image_size(self) -> None:
+        accepted = _constructor_arguments(self.backbone)
+        if "img_size" not in accepted:
+            default = _default_input_size(self.backbone)
+            if self.image_size != default:
+                raise ValueError(
+                    f"{self.backbone!r} takes {default} px inputs only: timm builds it for one input size and "
+                    f"has no img_size argument for it. Use image_size={default} (--image_size {default}), or a "
+                    f"backbone whose input size can change (a ViT, DeiT, Swin or any CNN)."
+                )
+            return
+        # Written into backbone_kwargs, so the saved config and timm-format exports (model_args)
+        # rebuild the same network. dynamic_img_size lets the encoder take other sizes too
+        # (position embeddings resampled), as pipelines on other resolutions need.
+        self.backbone_kwargs["img_size"] = self.image_size
+        if "dynamic_img_size" in accepted:
+            self.backbone_kwargs.setdefault("dynamic_img_size", True)
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `timm.create_model` (besides `num_classes=0`)."""
@@ -220,10 +307,7 @@ class BarlowTwinsConfig(BackboneConfigMixin, PreTrainedConfig):
                 f"num_channels={self.num_channels} disagrees with the backbone's in_chans={channels}; "
                 f"set backbone_kwargs={{'in_chans': {self.num_channels}}}."
             )
-        if self.image_size is None:
-            self.image_size = int(data["input_size"][-1])
-        if not isinstance(self.image_size, int) or self.image_size <= 0:
-            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}.")
+        self._resolve_image_size(int(data["input_size"][-1]))
         mean, std = list(data["mean"]), list(data["std"])
         if len(mean) != self.num_channels:
             # timm's statistics are per RGB channel; other channel counts use their average.
@@ -242,6 +326,22 @@ class BarlowTwinsConfig(BackboneConfigMixin, PreTrainedConfig):
             self.interpolation = str(data["interpolation"])
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
             raise ValueError(f"interpolation must be 'bilinear', 'bicubic' or 'nearest', got {self.interpolation!r}.")
+
+    def _resolve_image_size(self, default: int) -> None:
+        # backbone_kwargs' img_size (timm's name) and image_size are one setting: either may be given.
+        timm_size = self.backbone_kwargs.get("img_size")
+        if isinstance(timm_size, (list, tuple)) and len(set(timm_size)) == 1:
+            timm_size = timm_size[0]
+        if timm_size is not None and not (isinstance(timm_size, int) and timm_size > 0):
+            raise ValueError(f"backbone_kwargs img_size must be one positive integer (square images), got {timm_size!r}.")
+        if self.image_size is None:
+            self.image_size = timm_size if timm_size is not None else default
+        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size <= 0:
+            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}.")
+        if timm_size is not None and timm_size != self.image_size:
+            raise ValueError(
+                f"image_size={self.image_size} disagrees with backbone_kwargs img_size={timm_size}; give only image_size."
+            )
 
     @property
     def embedding_dim(self) -> int:

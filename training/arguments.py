@@ -111,7 +111,9 @@ class ModelArguments:
     )
     loss_scale: float = field(default=_config_default("loss_scale"), metadata={"help": "Multiplies the whole loss."})
     image_size: int | None = field(
-        default=None, metadata={"help": "Training resolution; defaults to the backbone's input size."}
+        default=None,
+        metadata={"help": "Training resolution; defaults to the backbone's input size. Vision Transformers (ViT, "
+                          "DeiT, Swin, ...) are built for it; it must be a multiple of their patch size."},
     )
 
     def __post_init__(self):
@@ -304,6 +306,18 @@ class OutputArguments:
     knn_eval_steps: int | None = field(default=None, metadata={"help": "Run the kNN monitor every N steps (and at the end)."})
     knn_k: int = field(default=20, metadata={"help": "Neighbours for the kNN monitor (200 for ImageNet-size data)."})
     knn_temperature: float = field(default=0.1, metadata={"help": "Temperature of the kNN votes."})
+    rankme_samples: int = field(
+        default=256,
+        metadata={"help": "Collapse monitor: at every logging step, the RankMe (effective rank, Garrido et al. 2023) "
+                          "of the embeddings of this many held-out images, logged as rankme (encoder) and "
+                          "rankme_projections. It needs no labels. 0 turns it off."},
+    )
+    rankme_warning_threshold: float = field(
+        default=2.0,
+        metadata={"help": "Warn when the encoder's RankMe falls below this, or ends the run below it: 1 means "
+                          "every image gets the same embedding direction (complete collapse). A new network may "
+                          "start below it. 0 never warns."},
+    )
 
     def __post_init__(self):
         if not self.output_dir:
@@ -317,6 +331,10 @@ class OutputArguments:
         _positive("knn_k", self.knn_k)
         if self.knn_temperature <= 0:
             raise ValueError("--knn_temperature must be > 0.")
+        if self.rankme_samples == 1 or self.rankme_samples < 0:
+            raise ValueError(f"--rankme_samples must be 0 (off) or at least 2, got {self.rankme_samples}.")
+        if not self.rankme_warning_threshold >= 0:
+            raise ValueError(f"--rankme_warning_threshold must be >= 0, got {self.rankme_warning_threshold}.")
 
 
 def _check_min_crop_scale(value: float) -> None:

@@ -86,6 +86,12 @@ class LossWindow:
                            ("diagonal", out.diagonal_mean)):
             self.sums[key] = self.sums[key] + value.detach()
 
+    def restart_clock(self, wait_seconds: float) -> None:
+        """Time the window from now: work between steps that is not training (a monitor) is not
+        counted in images/s."""
+        self.started = time.perf_counter()
+        self.wait_at_start = wait_seconds
+
     def read(self, wait_seconds: float, learning_rates: list[float]) -> dict[str, float]:
         """The window's metrics, and a new window. ``wait_seconds``: the loader's total wait so far."""
         micro_steps = max(self.steps, 1) * self.accumulation_steps

@@ -22,7 +22,7 @@ from .model_source import processor_transform
 from .plots import plot_cross_correlation, summarise_cross_correlation
 
 
-__all__ = ["KnnMonitor", "labelled_loaders", "plot_held_out_cross_correlation"]
+__all__ = ["KnnMonitor", "held_out_examples", "labelled_loaders", "plot_held_out_cross_correlation"]
 
 logger = logging.getLogger(__name__)
 PLOT_BATCH = 256
@@ -73,6 +73,22 @@ def _first_examples(dataset: Any, image_column: str, count: int) -> list[dict]:
     return list(stream.take(count))
 
 
+def held_out_examples(data_args, image_column: str, count: int) -> tuple[list[dict], str]:
+    """The first `count` undecoded examples of the training data's validation or test split when it
+    has one with the training's `image_column`, else of its training split; and which it was
+    ("held-out" or "training"). The C plot and the collapse monitor look at these images."""
+    try:
+        dataset, _ = load_held_out_split(data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir,
+                                         streaming=True, cache_dir=data_args.cache_dir)
+        resolve_image_column(dataset, image_column)  # a held-out split may name its columns otherwise
+        source = "held-out"
+    except ValueError:
+        dataset = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, data_args.train_split,
+                                     data_args.train_dir, streaming=True, cache_dir=data_args.cache_dir)
+        source = "training"
+    return _first_examples(dataset, image_column, count), source
+
+
 def plot_held_out_cross_correlation(
     model: BarlowTwinsForPreTraining,
     data_args,
@@ -87,16 +103,8 @@ def plot_held_out_cross_correlation(
     model in eval mode. `to_views` turns a collated batch into the two model inputs, as in training.
 
     Every process computes the same batch, so the global C equals the local one."""
-    source = "held-out"
-    try:
-        dataset, _ = load_held_out_split(data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir,
-                                         streaming=True, cache_dir=data_args.cache_dir)
-        resolve_image_column(dataset, image_column)  # a held-out split may name its columns otherwise
-    except ValueError:
-        dataset = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, data_args.train_split,
-                                     data_args.train_dir, streaming=True, cache_dir=data_args.cache_dir)
-        source = "training"
-    batch = collator(_first_examples(dataset, image_column, PLOT_BATCH))
+    examples, source = held_out_examples(data_args, image_column, PLOT_BATCH)
+    batch = collator(examples)
     if batch["pixel_values"].shape[0] < 2:
         logger.warning("No readable batch to plot the cross-correlation matrix.")
         return {}

@@ -17,6 +17,8 @@ or ``g`` is parallel to ``w`` (up to ``eps``); otherwise timm's is an upper boun
 
 from __future__ import annotations
 
+import fnmatch
+import logging
 import math
 from dataclasses import dataclass
 
@@ -31,6 +33,8 @@ __all__ = [
     "StepPlan",
     "create_optimizer",
     "create_scheduler",
+    "has_transformer_tokens",
+    "no_weight_decay_names",
     "plan_steps",
     "split_parameter_groups",
     "warmup_steps_from_epochs",
@@ -40,6 +44,8 @@ OPTIMIZER_NAMES: tuple[str, ...] = ("lars", "sgd", "adamw")
 
 # The paper scales learning rates linearly with the batch, relative to 256.
 _REFERENCE_BATCH = 256
+
+logger = logging.getLogger(__name__)
 
 
 def split_parameter_groups(
@@ -52,7 +58,9 @@ def split_parameter_groups(
     checkpoints:
 
     * ``"weights"``: parameters with ``ndim > 1``; ``weight_decay`` and ``lr_weights``.
-    * ``"biases"``: parameters with ``ndim <= 1`` (biases, norm weights and biases);
+    * ``"biases"``: parameters with ``ndim <= 1`` (biases, norm weights and biases), and the
+      tokens and position embeddings that timm marks in a module's ``no_weight_decay()``
+      (a ViT's ``pos_embed``, ``cls_token``, ...; see :func:`no_weight_decay_names`);
       weight decay 0 and ``lr_biases``.
 
     Each group records its peak learning rate under ``"peak_lr"`` so that the schedule can
@@ -64,10 +72,12 @@ def split_parameter_groups(
         raise ValueError(f"learning rates must be >= 0, got {lr_weights} and {lr_biases}")
     weights: list[nn.Parameter] = []
     biases: list[nn.Parameter] = []
-    for param in model.parameters():  # deduplicates tied parameters
+    excluded = no_weight_decay_names(model)
+    for name, param in model.named_parameters():  # deduplicates tied parameters
         if not param.requires_grad:
             continue
-        (weights if param.ndim > 1 else biases).append(param)
+        is_weight = param.ndim > 1 and not name.endswith(".bias") and name not in excluded
+        (weights if is_weight else biases).append(param)
     if not weights and not biases:
         raise ValueError("model has no trainable parameters")
     return [
@@ -86,6 +96,30 @@ def split_parameter_groups(
             "peak_lr": lr_biases,
         },
     ]
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names (in ``model.named_parameters()``) of the parameters that a submodule lists in its
+    ``no_weight_decay()``, as timm's models do for tokens and position embeddings (ViT:
+    ``pos_embed``, ``cls_token``, ``reg_token``, ``dist_token``; Swin: its position bias tables).
+    Entries are matched against the submodule's own parameter names, with wildcards, as timm's
+    optimizer factory matches them."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if not callable(listed):
+            continue
+        patterns = set(listed())
+        for name, _ in module.named_parameters():
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+                names.add(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
+def has_transformer_tokens(model: nn.Module) -> bool:
+    """Whether the model holds tokens or position embeddings excluded from weight decay: a
+    Vision Transformer (ViT, DeiT, Swin, ...), for which LARS is a poor optimiser."""
+    return bool(no_weight_decay_names(model))
 
 
 def create_optimizer(
@@ -119,6 +153,12 @@ def create_optimizer(
         model, weight_decay, learning_rate_weights * scale, learning_rate_biases * scale
     )
     if key == "lars":
+        if has_transformer_tokens(model):
+            logger.warning(
+                "LARS on a Vision Transformer: it is reported to collapse ViTs' representations (watch rankme in the "
+                "logs). The ViT recipe is AdamW with warm-up and cosine: --config benchmarks/configs/vit_adamw.yaml "
+                "(see benchmarks/RESULTS.md)."
+            )
         # timm skips the trust ratio in any group whose weight decay is 0 unless
         # always_adapt is set. The paper adapts every multi-dimensional weight regardless
         # of decay, so the weights group opts in (identical when wd > 0, and still right

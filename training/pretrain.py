@@ -39,6 +39,7 @@ from modeling_barlow import (
 
 from .arguments import DataArguments, HubArguments, ModelArguments, OutputArguments, PretrainingArguments
 from .checkpointing import CheckpointMismatch, Checkpointer, TrainerState, load_checkpoint, truncate_history
+from .collapse import RankMeMonitor
 from .collective import create_accelerator, launched_processes
 from .ddp import ddp_kwargs_handlers
 from .epochs import TrainingBatches
@@ -199,6 +200,8 @@ def train(
 
     # The loop: batches (agreed across processes), the step, logging, checkpoints, monitors.
     knn = KnnMonitor.create(out_args, config, accelerator) if out_args.knn_eval_dataset else None
+    collapse = RankMeMonitor.create(data_args, data.image_column, config, accelerator, out_args.rankme_samples,
+                                   out_args.rankme_warning_threshold) if out_args.rankme_samples else None
     checkpoints = Checkpointer(accelerator, output_dir, state, config, out_args.save_total_limit)
     step = PretrainingStep(model, optimizer, accelerator)
     window = LossWindow(config.projector_dims[-1], global_batch, train_args.gradient_accumulation_steps)
@@ -225,8 +228,12 @@ def train(
                 window.steps += 1
                 progress.update(1)
                 if state.global_step % out_args.logging_steps == 0 or state.global_step == plan.total_steps:
-                    metrics = _log(accelerator, window.read(batches.wait_seconds, scheduler.get_last_lr()), state,
-                                   output_dir, progress)
+                    metrics = window.read(batches.wait_seconds, scheduler.get_last_lr())
+                    if collapse is not None:  # RankMe, after the window's clock (images/s) has been read
+                        metrics.update(collapse.measure(accelerator.unwrap_model(model, keep_torch_compile=False),
+                                                        state.global_step, last=state.global_step == plan.total_steps))
+                        window.restart_clock(batches.wait_seconds)
+                    metrics = _log(accelerator, metrics, state, output_dir, progress)
                 if _every(out_args.checkpointing_steps, state.global_step):
                     checkpoints.save()
                 if knn is not None and out_args.knn_eval_steps and state.global_step % out_args.knn_eval_steps == 0:
