@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import timm
 import torch
 from torch import nn
 from transformers import PreTrainedModel

@@ -27,9 +27,8 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..collate import _Collator, decode_image
-from ..data import count_examples, load_image_dataset, prepare_stream, resolve_image_column
-from ..labelled_data import _load_eval_split
+from ..collate import ImageCollator, decode_image
+from ..data import count_examples, load_held_out_split, load_image_dataset, prepare_stream, resolve_image_column
 
 __all__ = ["DenseData", "load_dense_data", "resolve_mask_column", "resolve_objects_column"]
 
@@ -191,7 +190,10 @@ def load_dense_data(data_args, task_args) -> DenseData:
         data_args.dataset_name, data_args.dataset_config_name, data_args.train_split, data_args.train_dir,
         data_args.streaming, data_args.cache_dir,
     )
-    held_out, eval_split = _load_eval_split(data_args, task_args.eval_split)
+    held_out, eval_split = load_held_out_split(
+        data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir, data_args.streaming,
+        data_args.cache_dir, split=task_args.eval_split,
+    )
     image_column = resolve_image_column(train, data_args.image_column)
     if task_args.task == "semantic-segmentation":
         column = resolve_mask_column(train, image_column, task_args.mask_column)
@@ -276,7 +278,7 @@ def _image_tensor(image: PILImage.Image) -> tv_tensors.Image:
     return tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
 
 
-class SegmentationCollator(_Collator):
+class SegmentationCollator(ImageCollator):
     """Undecoded examples -> {"pixel_values": (B, C, S, S), "labels": (B, S, S) long, "num_skipped"}."""
 
     def __init__(self, transform, image_column: str, mask_column: str, num_channels: int = 3) -> None:
@@ -298,7 +300,7 @@ class SegmentationCollator(_Collator):
                 "num_skipped": skipped}
 
 
-class DetectionCollator(_Collator):
+class DetectionCollator(ImageCollator):
     """Undecoded examples -> {"pixel_values": (B, C, S, S), "labels": DETR's targets (per image
     "class_labels" (N,) and "boxes" (N, 4) as normalised centre x, centre y, width, height),
     "boxes_xyxy": per image (N, 4) boxes in pixels of the S x S input, "num_skipped"}."""
