@@ -316,7 +316,10 @@ def prepare_stream(
     if max_samples is not None:
         dataset = dataset.take(max_samples)
     if shuffle:
-        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        # One shard feeds the buffer at a time (shard order still shuffled per epoch), as before
+        # datasets 5: its default reads up to 10 shards through a thread pool, and for parquet that
+        # pool's shutdown sleeps 5 s (apache/arrow#45214) at every epoch end, in every worker.
+        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size, max_buffer_input_shards=1)
     if num_processes > 1:
         if dataset.n_shards % num_processes:
             logger.warning(
