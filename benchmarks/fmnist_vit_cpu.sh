@@ -126,12 +126,14 @@ try:
     from accelerate import Accelerator
     from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining
     from training.collapse import RankMeMonitor
+    from training.data import load_image_dataset, resolve_image_column
 
     config = BarlowTwinsConfig.from_pretrained(work / recipes[0])
     torch.manual_seed(seed)
     data_args = SimpleNamespace(dataset_name=data, train_dir=None, dataset_config_name=None, cache_dir=None,
                                 train_split="train")
-    monitor = RankMeMonitor.create(data_args, config, Accelerator(cpu=True, mixed_precision="bf16"), 256, 0.0)
+    image_column = resolve_image_column(load_image_dataset(data, split="test", streaming=True))
+    monitor = RankMeMonitor.create(data_args, image_column, config, Accelerator(cpu=True, mixed_precision="bf16"), 256, 0.0)
     record["random_init_rankme"] = monitor.measure(BarlowTwinsForPreTraining(config), step=0)
 except (OSError, ValueError) as error:
     record["random_init_rankme"] = {"error": str(error)}

@@ -142,14 +142,14 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     two_history, one_history = history(tmp_path / "two"), history(tmp_path / "one")
     assert json.loads((tmp_path / "two" / "training_args.json").read_text())["global_batch_size"] == 32
     assert len(two_history) == len(one_history) == 3
-    # Augmentation noise, measured here: up to 17% per step on the off-diagonal term, 11% on the
-    # mean of three steps. A per-process computation would be near +100%.
+    # The runs differ only by augmentations. Measured on this data (seeds 3 to 7, one process): a
+    # single step's off-diagonal term ranges over 1,758 to 2,537, so two runs can differ by 45% at a
+    # step, and a per-step comparison tests the noise; the mean of the steps moved by 11% at most.
+    # A per-process C or BatchNorm would raise the off-diagonal mean by about 100%.
     for term in ("off_diagonal_loss", "on_diagonal_loss"):
         two_mean = np.mean([h[term] for h in two_history])
         one_mean = np.mean([h[term] for h in one_history])
         assert two_mean == pytest.approx(one_mean, rel=0.2), term
-        for a, b in zip(two_history, one_history):
-            assert a[term] == pytest.approx(b[term], rel=0.35), term
 
 
 def test_help_documents_every_option():
