@@ -155,10 +155,8 @@ def pretrain(args, folders: dict[str, Path], work: Path) -> tuple[Path, float]:
     out = work / "pretrained"
     if (out / "metrics.json").exists():
         return out, json.loads((out / "metrics.json").read_text()).get("wall_time_s", 0.0)
-    # As a module: this branch's barlow-pretrain console script exits 1 after a successful run (its
-    # main returns the metrics); the lead's barlow_cli refactor fixes that.
     seconds = run([
-        sys.executable, "-m", "training.pretrain", "--dataset_name", str(folders["unlabelled"]), "--no_streaming", "--output_dir", str(out),
+        script("barlow-pretrain"), "--dataset_name", str(folders["unlabelled"]), "--no_streaming", "--output_dir", str(out),
         *BACKBONE, "--image_size", str(args.pretrain_size), "--channels_last", "--projector_dims", *args.projector_dims.split(),
         "--per_device_train_batch_size", str(args.pretrain_batch_size), "--num_train_epochs", str(args.pretrain_epochs),
         "--warmup_epochs", str(min(2, args.pretrain_epochs / 4)), "--min_crop_scale", "0.2", "--blur_probability", "0", "0",
@@ -261,7 +259,7 @@ def main() -> None:
     encoder, seconds = pretrain(args, folders, work)
     record["wall_time_s"]["pretrain"] = round(seconds, 1)
     pretrain_log = [json.loads(line) for line in (encoder / "log_history.jsonl").read_text().splitlines()]
-    record["pretrain"] = {"first_loss": pretrain_log[0].get("loss"), "last_loss": pretrain_log[-1].get("loss"),
+    record["pretrain"] = {"first_loss": pretrain_log[0].get("train_loss"), "last_loss": pretrain_log[-1].get("train_loss"),
                           "steps": pretrain_log[-1].get("step")}
     save()
     for task, (_, metric) in TASKS.items():
@@ -269,7 +267,8 @@ def main() -> None:
         for init in ("barlow", "random"):
             begun = time.perf_counter()
             metrics = finetune(args, task, folders, encoder, work, random_init=init == "random")
-            record["wall_time_s"][f"{task}_{init}"] = round(time.perf_counter() - begun, 1)
+            # A run finished by an earlier invocation reports its own time.
+            record["wall_time_s"][f"{task}_{init}"] = metrics.get("wall_time_s", round(time.perf_counter() - begun, 1))
             entry[init] = metrics[f"eval_{metric}"]
             entry[f"{init}_all"] = {k: v for k, v in metrics.items() if k.startswith("eval_") and k != "eval_split"}
             entry[f"{init}_history"] = [h[f"eval_{metric}"] for h in metrics["history"]]
