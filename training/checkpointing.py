@@ -26,6 +26,7 @@ from modeling_barlow import BarlowTwinsConfig, create_image_processor
 __all__ = [
     "Checkpointer",
     "TrainerState",
+    "append_history",
     "find_latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -176,6 +177,13 @@ def load_checkpoint(
             continue
         return path, state
     raise ValueError(f"No checkpoint could be loaded: {'; '.join(damaged)}.")
+
+
+def append_history(output_dir: str | Path, entry: dict, accelerator=None) -> None:
+    """Add ``entry`` as one line of ``output_dir/log_history.jsonl`` (the main process writes it)."""
+    if accelerator is None or accelerator.is_main_process:
+        with open(Path(output_dir) / "log_history.jsonl", "a") as history:
+            history.write(json.dumps(entry) + "\n")
 
 
 def truncate_history(path: str | Path, step: int) -> dict:

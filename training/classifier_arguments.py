@@ -140,6 +140,19 @@ class EvaluationArguments:
             raise ValueError(f"--label_fraction values must be in (0, 1], e.g. 0.01 0.1; got {self.label_fraction}.")
 
 
+def check_finetuning_options(args) -> None:
+    """The checks every fine-tuning command's optimisation options share (classification, detection
+    and segmentation): an output folder, positive sizes, non-negative rates."""
+    if not args.output_dir:
+        raise ValueError("--output_dir is required.")
+    _positive("per_device_train_batch_size", args.per_device_train_batch_size)
+    _positive("logging_steps", args.logging_steps)
+    if args.num_train_epochs <= 0:
+        raise ValueError("--num_train_epochs must be > 0.")
+    if min(args.learning_rate, args.head_learning_rate, args.weight_decay, args.warmup_epochs) < 0:
+        raise ValueError("Learning rates, --weight_decay and --warmup_epochs must be >= 0.")
+
+
 @dataclass
 class FinetuningArguments:
     """barlow-finetune: optimisation and outputs. Defaults: the paper's fine-tuning (SGD, momentum
@@ -181,11 +194,4 @@ class FinetuningArguments:
     report_to: str = shared_field(OutputArguments, "report_to")
 
     def __post_init__(self):
-        if not self.output_dir:
-            raise ValueError("--output_dir is required.")
-        _positive("per_device_train_batch_size", self.per_device_train_batch_size)
-        _positive("logging_steps", self.logging_steps)
-        if self.num_train_epochs <= 0:
-            raise ValueError("--num_train_epochs must be > 0.")
-        if min(self.learning_rate, self.head_learning_rate, self.weight_decay, self.warmup_epochs) < 0:
-            raise ValueError("Learning rates, --weight_decay and --warmup_epochs must be >= 0.")
+        check_finetuning_options(self)

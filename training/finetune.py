@@ -23,7 +23,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -32,6 +31,7 @@ import modeling_barlow
 from barlow_cli import parse_arguments, prepare_output_dir, run_command, setup_logging
 
 from .arguments import DataArguments, HubArguments
+from .checkpointing import append_history
 from .classifier_arguments import FinetuningArguments, PretrainedModelArguments, SupervisedDataArguments
 from .dense.arguments import DENSE_TASKS, requested_task
 from .optim import create_scheduler, warmup_steps_from_epochs
@@ -155,7 +155,7 @@ def finetune(
             entry = {"train_loss": float(window["loss"]) / window["steps"]}
             entry.update({f"lr_{g['name'].split('_')[0]}": g["lr"] for g in scheduler.optimizer.param_groups})
             accelerator.log(entry, step=step)
-            _append(accelerator, output_dir, {"step": step, **entry})
+            append_history(output_dir, {"step": step, **entry}, accelerator)
             progress.set_postfix(loss=f"{entry['train_loss']:.3f}")
             window.update(loss=0.0, steps=0)
 
@@ -167,7 +167,7 @@ def finetune(
         window.update(epoch_loss=0.0, epoch_steps=0)
         history.append(entry)
         accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=step)
-        _append(accelerator, output_dir, entry)
+        append_history(output_dir, entry, accelerator)
         logger.info(", ".join(f"{k} {v:.4g}" for k, v in entry.items()), main_process_only=True)
 
     started = time.perf_counter()
@@ -198,12 +198,6 @@ def finetune(
         logger.info(f"Saved the classifier, its image processor and metrics.json to {output_dir}.", main_process_only=True)
     accelerator.end_training()
     return metrics
-
-
-def _append(accelerator: Accelerator, output_dir: Path, entry: dict) -> None:
-    if accelerator.is_main_process:
-        with open(output_dir / "log_history.jsonl", "a") as history:
-            history.write(json.dumps(entry) + "\n")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from modeling_barlow import (
 )
 
 from .arguments import DataArguments, HubArguments, ModelArguments, OutputArguments, PretrainingArguments
-from .checkpointing import CheckpointMismatch, Checkpointer, TrainerState, load_checkpoint, truncate_history
+from .checkpointing import CheckpointMismatch, Checkpointer, TrainerState, append_history, load_checkpoint, truncate_history
 from .collapse import RankMeMonitor
 from .collective import create_accelerator, launched_processes
 from .ddp import ddp_kwargs_handlers
@@ -323,9 +323,7 @@ def _log(accelerator: Accelerator, metrics: dict, state: TrainerState, output_di
                          img_s=f"{metrics['images_per_second']:.0f}")
     logger.info(f"step {state.global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
                 main_process_only=True)
-    if accelerator.is_main_process:  # the whole history, for plots and comparisons
-        with open(output_dir / "log_history.jsonl", "a") as history:
-            history.write(json.dumps({"step": state.global_step, **metrics}) + "\n")
+    append_history(output_dir, {"step": state.global_step, **metrics}, accelerator)  # for plots and comparisons
     return metrics
 
 

@@ -17,7 +17,7 @@ from barlow_cli import read_config_file
 
 from ..arguments import _positive
 from ..arguments import shared_field
-from ..classifier_arguments import FinetuningArguments, SupervisedDataArguments
+from ..classifier_arguments import FinetuningArguments, SupervisedDataArguments, check_finetuning_options
 
 
 __all__ = ["DENSE_TASKS", "DenseFinetuningArguments", "DenseTaskArguments", "requested_task"]
@@ -153,13 +153,6 @@ class DenseFinetuningArguments:
     report_to: str = shared_field(FinetuningArguments, "report_to")
 
     def __post_init__(self):
-        if not self.output_dir:
-            raise ValueError("--output_dir is required.")
-        _positive("per_device_train_batch_size", self.per_device_train_batch_size)
-        _positive("logging_steps", self.logging_steps)
-        if self.num_train_epochs <= 0:
-            raise ValueError("--num_train_epochs must be > 0.")
-        if min(self.learning_rate, self.head_learning_rate, self.weight_decay, self.warmup_epochs) < 0:
-            raise ValueError("Learning rates, --weight_decay and --warmup_epochs must be >= 0.")
+        check_finetuning_options(self)
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError("--max_grad_norm must be >= 0.")

@@ -22,11 +22,9 @@ import json
 import math
 import time
 from dataclasses import asdict
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -34,6 +32,7 @@ from tqdm.auto import tqdm
 from barlow_cli import parse_arguments, prepare_output_dir, run_command, setup_logging
 
 from ..arguments import DataArguments
+from ..checkpointing import append_history
 from ..classifier_arguments import PretrainedModelArguments
 from ..classifier_training import classifier_optimizer
 from ..collective import all_processes, create_accelerator
@@ -170,7 +169,7 @@ def finetune_dense(task_args: DenseTaskArguments, data_args: DataArguments, mode
                 entry = {"step": step, "train_loss": float(torch.stack(window).mean()),
                          **{f"lr_{g['name'].split('_')[0]}": g["lr"] for g in optimizer.param_groups}}
                 accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=step)
-                _append(accelerator, output_dir, entry)
+                append_history(output_dir, entry, accelerator)
                 progress.set_postfix(loss=f"{entry['train_loss']:.3f}")
                 window = []
         if not epoch_losses:
@@ -180,7 +179,7 @@ def finetune_dense(task_args: DenseTaskArguments, data_args: DataArguments, mode
                  **{f"eval_{k}": v for k, v in result.items()}}
         history.append(entry)
         accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=step)
-        _append(accelerator, output_dir, entry)
+        append_history(output_dir, entry, accelerator)
         logger.info(", ".join(f"{k} {v:.4g}" for k, v in entry.items()), main_process_only=True)
         epoch += 1
     progress.close()
@@ -205,12 +204,6 @@ def finetune_dense(task_args: DenseTaskArguments, data_args: DataArguments, mode
                     main_process_only=True)
     accelerator.end_training()
     return metrics
-
-
-def _append(accelerator: Accelerator, output_dir: Path, entry: dict) -> None:
-    if accelerator.is_main_process:
-        with open(output_dir / "log_history.jsonl", "a") as history:
-            history.write(json.dumps(entry) + "\n")
 
 
 if __name__ == "__main__":
