@@ -218,7 +218,8 @@ def main() -> None:
     parser.add_argument("--pretrain_batch_size", type=int, default=128)
     parser.add_argument("--projector_dims", default="1024 1024 1024", help="Projector widths, space-separated.")
     parser.add_argument("--segmentation_epochs", type=float, default=12)
-    parser.add_argument("--detection_epochs", type=float, default=30)
+    parser.add_argument("--detection_epochs", type=float, default=150,
+                        help="DETR needs long schedules: at 30 epochs neither initialisation had started to detect.")
     parser.add_argument("--finetune_batch_size", type=int, default=16)
     parser.add_argument("--backbone_learning_rate", type=float, default=1e-4)
     parser.add_argument("--head_learning_rate", type=float, default=5e-4)
