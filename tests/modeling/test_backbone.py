@@ -118,3 +118,16 @@ def test_backbone_round_trip_keeps_its_stages(tmp_path):
     loaded = AutoBackbone.from_pretrained(tmp_path)
     assert loaded.out_features == ["layer2", "layer3"] and loaded.channels == [32, 64]
     assert isinstance(AutoBackbone.from_config(BarlowTwinsConfig(**TINY_RESNET)), BarlowTwinsBackbone)
+
+
+def test_a_one_channel_backbone_takes_rgb_as_its_luminance():
+    # Image processors and pipelines hand over RGB; the encoder turns it into PIL's "L" luminance.
+    spec = {**TINY_RESNET, "backbone_kwargs": {**TINY_RESNET.get("backbone_kwargs", {}), "in_chans": 1}}
+    backbone = BarlowTwinsBackbone(BarlowTwinsConfig(**spec, out_indices=[1, 2])).eval()
+    rgb = torch.rand(2, 3, 32, 32)
+    luminance = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
+    with torch.no_grad():
+        from_rgb, from_grey = backbone(rgb).feature_maps, backbone(luminance).feature_maps
+    assert [m.shape[1] for m in from_rgb] == backbone.channels
+    for a, b in zip(from_rgb, from_grey):
+        torch.testing.assert_close(a, b)
