@@ -197,7 +197,8 @@ class BarlowTwinsConfig(BackboneConfigMixin, PreTrainedConfig):
 
     @stage_names.setter
     def stage_names(self, value: Any) -> None:
-        pass  # always derived from the backbone (transformers' backbone code assigns it)
+        """Ignored on purpose: the stages are always derived from the backbone, and transformers'
+        backbone code assigns them (as does loading a saved config that lists them)."""
 
     def feature_stages(self) -> tuple[tuple[str, int, int], ...]:
         """(name, channels, stride) of every stage, as timm's `feature_info` gives them."""
