@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from barlow_cli import UsageError
+
 from ..collate import ImageCollator, decode_image
 from ..data import count_examples, load_held_out_split, load_image_dataset, prepare_stream, resolve_image_column
 
@@ -182,7 +184,7 @@ def load_dense_data(data_args, task_args) -> DenseData:
     the image and annotation columns and the class names (a ClassLabel feature, --label_names, or
     '0'..'K-1' from the largest class id in the training annotations)."""
     if data_args.dataset_name is None and data_args.train_dir is None:
-        raise ValueError(
+        raise UsageError(
             f"--task {task_args.task} needs --dataset_name (a hub id or a local folder) with "
             + ("images and masks." if task_args.task == "semantic-segmentation" else "images and their 'objects'.")
         )

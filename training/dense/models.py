@@ -15,6 +15,7 @@ from transformers import (
     UperNetForSemanticSegmentation,
 )
 
+from barlow_cli import UsageError
 from modeling_barlow import (
     BarlowTwinsBackbone,
     BarlowTwinsConfig,
@@ -66,6 +67,11 @@ def build_dense_model(
             "and pipelines take RGB images, so dense fine-tuning needs a 3-channel encoder."
         )
     size = image_size or config.image_size
+    if out_indices is not None:
+        try:  # the config's own check names the stages and the valid indices
+            encoder_backbone_config(encoder, out_indices)
+        except ValueError as error:
+            raise UsageError(f"--out_indices {' '.join(map(str, out_indices))}: {error}") from None
     if out_indices is None:
         out_indices = [len(config.stage_names) - 1] if task == "object-detection" else default_pyramid_indices(config)
     head_config = dict(head_config or {})

@@ -122,10 +122,10 @@ def test_out_indices_beyond_the_stages_and_missing_data_are_refused(tmp_path, en
     data = save_scene_dataset(tmp_path / "scenes", "semantic-segmentation", train=4, validation=2)
     done = _run("--task", "semantic-segmentation", "--model_name_or_path", str(encoder), "--dataset_name", str(data),
                 "--output_dir", "out", "--out_indices", "2", "9", "--label_names", "a", "b", "c", cwd=tmp_path)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr  # a usage error
     assert "valid indices are 0 to 4" in done.stderr and "4=layer4 (32 channels" in done.stderr
     done = _run("--task", "object-detection", "--model_name_or_path", str(encoder), "--output_dir", "out2", cwd=tmp_path)
-    assert done.returncode == 1 and "--task object-detection needs --dataset_name" in done.stderr
+    assert done.returncode == 2 and "--task object-detection needs --dataset_name" in done.stderr
 
 
 def test_task_is_read_from_the_command_line_or_the_config_file(tmp_path):
