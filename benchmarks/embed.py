@@ -53,11 +53,13 @@ def cpu_flags() -> dict:
 
 
 def run_embed(model: str, data: Path, out: Path, split: str, threads: int, workers: int, batch: int,
-              max_samples: int | None = None, memory_env: bool = False) -> dict:
-    """barlow-embed in a fresh process; its embedding_info.json and its peak RSS (bytes, main process)."""
+              max_samples: int | None = None, memory_env: bool = False, options: tuple[str, ...] = ()) -> dict:
+    """barlow-embed (with extra command-line ``options``) in a fresh process; its embedding_info.json
+    and its peak RSS (bytes, main process)."""
     args = [str(BIN / "barlow-embed"), "--model_name_or_path", model, "--dataset_name", str(data), "--train_split",
             split, "--output_dir", str(out), "--overwrite_output_dir", "--per_device_eval_batch_size", str(batch),
-            "--dataloader_num_workers", str(workers), *(["--max_train_samples", str(max_samples)] if max_samples else [])]
+            "--dataloader_num_workers", str(workers), *(["--max_train_samples", str(max_samples)] if max_samples else []),
+            *options]
     # The wrapper reports the largest resident set among its waited-for children: the command itself.
     wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
@@ -81,8 +83,19 @@ def load_split(data: Path, split: str, limit: int | None = None):
     return table.select(range(min(limit, len(table)))) if limit else table
 
 
+# The settings the throughput part compares: barlow-embed's defaults, and its fast CPU options (which
+# the in-memory forward gets too, so `ratio` stays the cost of everything but the forward).
+SETTINGS = {
+    "fp32": {"options": (), "to": {}},
+    "bf16_channels_last": {"options": ("--mixed_precision", "bf16", "--channels_last"),
+                           "to": {"autocast_dtype": torch.bfloat16, "channels_last": True}},
+}
+
+
 def throughput(args, model_dir: str, work: Path) -> dict:
-    """ratio and pipeline_ratio, alternated in this session, on the first --max_images training images."""
+    """Images/s of barlow-embed and of the in-memory forward under each of --settings, and of the
+    pipeline (the user's loop as it is: fp32), alternated in this session, on the first
+    --max_images training images."""
     from transformers import pipeline
 
     from training.embedding.encoder import load_encoder
@@ -94,21 +107,29 @@ def throughput(args, model_dir: str, work: Path) -> dict:
     pixels = torch.cat([encoder.preprocess(images[i : i + 1024]) for i in range(0, len(images), 1024)])
     extractor = pipeline("image-feature-extraction", model=model_dir, device="cpu")
 
-    def in_memory() -> float:
-        seconds = timed(lambda: [encoder(pixels[i : i + args.batch_size]) for i in range(0, len(pixels), args.batch_size)])
-        return len(pixels) / seconds
+    def in_memory(setting: str):
+        configured = load_encoder(model_dir).to("cpu", **SETTINGS[setting]["to"])
+
+        def measure() -> float:
+            seconds = timed(lambda: [configured(pixels[i : i + args.batch_size]) for i in range(0, len(pixels), args.batch_size)])
+            return len(pixels) / seconds
+        return measure
+
+    def command(setting: str):
+        def measure() -> float:
+            info = run_embed(model_dir, args.data_dir, work / "throughput", "train", args.threads, args.workers,
+                             args.batch_size, args.max_images, options=SETTINGS[setting]["options"])
+            return info["images_per_second"]
+        return measure
 
     def with_pipeline() -> float:
         seconds = timed(lambda: extractor(images, batch_size=args.batch_size, pool=True))
         return len(images) / seconds
 
-    def command() -> float:
-        info = run_embed(model_dir, args.data_dir, work / "throughput", "train", args.threads, args.workers,
-                         args.batch_size, args.max_images)
-        return info["images_per_second"]
-
-    rates = alternate({"barlow_embed": command, "in_memory_forward": in_memory, "pipeline": with_pipeline},
-                      runs=args.runs, warmup=1)
+    contenders = {"pipeline": with_pipeline}
+    for setting in args.settings:
+        contenders |= {f"barlow_embed/{setting}": command(setting), f"in_memory_forward/{setting}": in_memory(setting)}
+    rates = alternate(contenders, runs=args.runs, warmup=1)
     return {name: median(values) for name, values in rates.items()} | {"runs": rates}
 
 
@@ -169,7 +190,8 @@ def search_latency(dimension: int, runs: int, sizes: tuple[int, ...] = (60_000, 
 
 
 PARTS = ("throughput", "memory", "quality", "latency")
-DETAIL_KEYS = ("pipeline_ratio", "images_per_second", "images_per_second_runs", "throughput_settings", "peak_rss_bytes",
+DETAIL_KEYS = ("pipeline_ratio", "by_setting", "images_per_second", "images_per_second_by_contender",
+               "images_per_second_runs", "throughput_settings", "peak_rss_bytes",
                "peak_rss_growth_10k_to_60k", "retrieval", "pretrained_encoder", "search_latency_s", "search_settings",
                "measured", "cpu_flags", "targets")
 
@@ -200,6 +222,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--max_images", type=int, default=10_000, help="images in the throughput comparison")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),
+                        help="barlow-embed settings to time, each against the in-memory forward under the same "
+                             "settings; the first is the headline")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="what to measure; the other parts' numbers already in the results file are kept")
     parser.add_argument("--pretrained_description", default="", help="what the pretrained encoder is, for the record")
@@ -231,12 +256,24 @@ def main() -> None:
     if "throughput" in args.parts:
         speed = throughput(args, args.model_dir, args.work_dir)
         print(json.dumps(speed, indent=2), flush=True)
+        # The headline is the first of --settings; every setting's ratios are in "by_setting".
+        headline = args.settings[0]
+        by_setting = {s: {"ratio": round(speed[f"barlow_embed/{s}"] / speed[f"in_memory_forward/{s}"], 4),
+                          "pipeline_ratio": round(speed[f"barlow_embed/{s}"] / speed["pipeline"], 4),
+                          "barlow_embed_options": " ".join(SETTINGS[s]["options"]) or "(defaults)"}
+                      for s in args.settings}
         details.update({
-            "pipeline_ratio": round(speed["barlow_embed"] / speed["pipeline"], 4),
-            "images_per_second": {k: round(v, 1) for k, v in speed.items() if k != "runs"},
+            "pipeline_ratio": by_setting[headline]["pipeline_ratio"],
+            "by_setting": by_setting,
+            "images_per_second": {"barlow_embed": round(speed[f"barlow_embed/{headline}"], 1),
+                                  "in_memory_forward": round(speed[f"in_memory_forward/{headline}"], 1),
+                                  "pipeline": round(speed["pipeline"], 1)},
+            "images_per_second_by_contender": {k: round(v, 1) for k, v in speed.items() if k != "runs"},
             "images_per_second_runs": speed["runs"],
             "throughput_settings": {"threads": args.threads, "dataloader_num_workers": args.workers,
-                                    "batch_size": args.batch_size, "images": args.max_images, "runs": args.runs},
+                                    "batch_size": args.batch_size, "images": args.max_images, "runs": args.runs,
+                                    "headline_setting": headline,
+                                    "pipeline": "fp32, the pipeline's defaults (the loop a user writes today)"},
         })
 
     if "memory" in args.parts:

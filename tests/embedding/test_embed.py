@@ -46,6 +46,25 @@ def test_parquet_ids_are_split_indices_and_vectors_match_the_model(barlow_model,
     assert record["shards"] == 2 and len(list((out / "data").glob("*.parquet"))) == 2
 
 
+def test_bf16_and_channels_last_give_the_fp32_embeddings_to_bf16_precision(barlow_model, parquet_folder, tmp_path):
+    out = tmp_path / "emb"
+    result = run_cli("barlow-embed", "--model_name_or_path", str(barlow_model), "--dataset_name", str(parquet_folder),
+                     "--output_dir", str(out), "--mixed_precision", "bf16", "--channels_last",
+                     "--per_device_eval_batch_size", "32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = datasets.load_dataset(str(out), split="train")
+    assert table.features["embedding"] == datasets.List(datasets.Value("float32"), length=32)
+    pairs = digit_images(96)
+    expected = reference_embeddings(barlow_model, [pairs[i][0] for i in table["id"]])
+    got = np.asarray(table["embedding"])
+    # bf16 keeps 8 bits of mantissa: each vector within a few per cent of fp32's, and pointing the same way.
+    cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() > 0.999
+    np.testing.assert_allclose(got, expected, rtol=0.05, atol=0.05 * np.abs(expected).max())
+    assert not np.array_equal(got, expected)  # autocast did run in bf16
+    assert info(out)["mixed_precision"] == "bf16" and info(out)["count"] == 96
+
+
 def test_image_folder_keys_by_path_skips_the_corrupt_file_and_stores_float16(barlow_model, image_folder, tmp_path):
     out = tmp_path / "emb"
     result = run_cli("barlow-embed", "--model_name_or_path", str(barlow_model), "--train_dir", str(image_folder),
