@@ -222,15 +222,19 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--max_images", type=int, default=10_000, help="images in the throughput comparison")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=None,
                         help="barlow-embed settings to time, each against the in-memory forward under the same "
-                             "settings; the first is the headline")
+                             "settings; the first is the headline. Default: bf16_channels_last fp32 on a CPU with "
+                             "bf16 instructions (AVX512-BF16 or AMX: there, the options users are told to pass), "
+                             "else fp32 alone")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="what to measure; the other parts' numbers already in the results file are kept")
     parser.add_argument("--pretrained_description", default="", help="what the pretrained encoder is, for the record")
     parser.add_argument("--smoke", action="store_true", help="a few thousand images: checks the plumbing, writes "
                                                              "WORK_DIR/embed.json only")
     args = parser.parse_args()
+    if args.settings is None:
+        args.settings = ["bf16_channels_last", "fp32"] if any(cpu_flags().values()) else ["fp32"]
     caps = {"small": 10_000, "train": None, "test": None, "sizes": (60_000, 1_000_000)}
     if args.smoke:
         args.max_images, args.runs = 500, 1

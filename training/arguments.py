@@ -203,7 +203,7 @@ class PretrainingArguments:
     channels_last: bool = field(
         default=False,
         metadata={"help": "Keep convolution weights and inputs channels-last (NHWC): faster convolutions on GPUs "
-                          "with tensor cores, especially with --mixed_precision bf16 or fp16."},
+                          "with tensor cores and on CPUs (oneDNN), especially with --mixed_precision bf16 or fp16."},
     )
     torch_compile: bool = field(
         default=False,
