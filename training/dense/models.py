@@ -67,13 +67,13 @@ def build_dense_model(
             "and pipelines take RGB images, so dense fine-tuning needs a 3-channel encoder."
         )
     size = image_size or config.image_size
-    if out_indices is not None:
-        try:  # the config's own check names the stages and the valid indices
-            encoder_backbone_config(encoder, out_indices)
-        except ValueError as error:
-            raise UsageError(f"--out_indices {' '.join(map(str, out_indices))}: {error}") from None
     if out_indices is None:
         out_indices = [len(config.stage_names) - 1] if task == "object-detection" else default_pyramid_indices(config)
+    else:
+        try:  # the config's own check names the stages and the valid indices
+            config.out_indices = list(out_indices)
+        except ValueError as error:
+            raise UsageError(f"--out_indices {' '.join(map(str, out_indices))}: {error}") from None
     head_config = dict(head_config or {})
     torch.manual_seed(seed)
     if random_init:
