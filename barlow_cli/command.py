@@ -43,15 +43,24 @@ def run_command(prog: str, body: Callable[[], Any], *, expected: tuple[type[Base
     Returns normally on success (status 0; ``body``'s result is discarded). Exits with status 2
     on a :class:`UsageError`, and with status 1 on any other expected error (``ValueError``,
     ``OSError``, :class:`CommandFailed` and ``expected``) or Ctrl-C, printing
-    ``"{prog}: error: {message}"`` on one line instead of a traceback."""
+    ``"{prog}: error: {message}"`` on one line instead of a traceback. A command that fails leaves
+    no empty output folder of its own making behind."""
+    from .output_dir import remove_empty_folders_made  # it imports UsageError from here
+
     try:
         body()
     except UsageError as error:
+        remove_empty_folders_made()
         _exit(prog, error, EXIT_USAGE)
     except (*_EXPECTED_ERRORS, *expected) as error:
+        remove_empty_folders_made()
         _exit(prog, error, EXIT_FAILED)
     except KeyboardInterrupt:
+        remove_empty_folders_made()
         _exit(prog, "interrupted (Ctrl-C).", EXIT_FAILED)
+    except Exception:  # a bug keeps its traceback, but not an empty folder
+        remove_empty_folders_made()
+        raise
 
 
 def _exit(prog: str, error: BaseException | str, status: int) -> None:

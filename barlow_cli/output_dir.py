@@ -2,7 +2,9 @@
 
 A folder that holds an earlier run's files is refused unless the command is told to overwrite
 it (which first removes that run's files, and only those) or to resume it. Problems with the
-folder itself (a file, not writable) are found before any work starts."""
+folder itself (a file, not writable) are found before any work starts. A command that fails
+before writing anything into a folder it made takes the empty folder away again
+(:func:`remove_empty_folders_made`, called by ``run_command``)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,22 @@ from pathlib import Path
 
 from .command import UsageError
 
-__all__ = ["prepare_output_dir"]
+__all__ = ["prepare_output_dir", "remove_empty_folders_made"]
 
 logger = logging.getLogger(__name__)
+
+# The folders prepare_output_dir created in this process, parents before children.
+_folders_made: list[Path] = []
+
+
+def remove_empty_folders_made() -> None:
+    """Remove the folders :func:`prepare_output_dir` created in this process that are still empty,
+    deepest first. Folders that existed before, and anything with a file in it, stay."""
+    while _folders_made:
+        try:
+            _folders_made.pop().rmdir()
+        except OSError:  # something was written there (or another process removed it): keep it
+            pass
 
 
 def _earlier_files(folder: Path, run_files: Sequence[str]) -> list[Path]:
@@ -58,8 +73,10 @@ def prepare_output_dir(
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {folder} is a file; give a folder (it is created if missing).")
+    missing = [p for p in reversed((path, *path.parents)) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
+        _folders_made.extend(missing)
         probe = path / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()

@@ -178,6 +178,19 @@ def test_output_folders_that_cannot_be_used_are_usage_errors(tmp_path):
         _no_traceback(result)
 
 
+def test_a_failed_command_leaves_no_empty_folder_of_its_own_making(tmp_path):
+    missing_model = tmp_path / "no-such-model"
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for command in ("barlow-finetune", "barlow-eval"):
+        for folder in (tmp_path / command / "new" / "run", existing):
+            result = script(command, "--model_name_or_path", missing_model, "--output_dir", folder)
+            assert result.returncode in (FAILED, USAGE) and "does not exist" in result.stderr, result.stderr[-2000:]
+            _no_traceback(result)
+        # The folders it made (all three levels) went with the failure; the one that was there stayed.
+        assert not (tmp_path / command).exists() and existing.is_dir()
+
+
 def test_a_finished_run_is_never_mixed_with_a_new_one(tmp_path, finished_run):
     run = _copy(finished_run, tmp_path)
     # --save_total_limit 2 kept the newest two of three checkpoints.
