@@ -11,11 +11,12 @@
 # run's thread count (2 for one recipe alone on a 2-core machine).
 #
 # Every recipe gets the same run: ViT-Tiny (12 blocks of width 192, 3 heads) with 4 px patches at
-# 32 px and the class token's pooling (benchmarks/configs/vit_adamw.yaml), projector 2048-2048-2048,
-# batch 256, the first 10,000 training images for 20 epochs (780 steps, 2 warm-up epochs), no blur,
-# bf16 autocast (the loss stays fp32), seed $SEED, RankMe of 256 test images every 39 steps. Then
-# barlow-eval (fp32) on the full splits: linear probe (SGD on frozen features) and kNN (k 20). Both
-# recipes run at once with one thread each; then the same architecture randomly initialised.
+# 32 px (benchmarks/configs/vit_adamw.yaml; class-token pooling unless the recipe says otherwise),
+# projector 2048-2048-2048, batch 256, the first 10,000 training images for 20 epochs (780 steps,
+# 2 warm-up epochs), no blur, bf16 autocast (the loss stays fp32), seed $SEED, RankMe of 256 test
+# images every 39 steps. Then barlow-eval (fp32) on the full splits: linear probe (SGD on frozen
+# features) and kNN (k 20). The recipes run at once, THREADS threads each; each evaluation has one.
+# Then the first recipe's architecture (its pooling too) randomly initialised.
 # A run that stops can be restarted with the same command: pretraining resumes from its latest
 # checkpoint (every 78 steps), and finished steps are skipped.
 #
@@ -92,7 +93,8 @@ sys.path.insert(0, "benchmarks")
 from common import machine, versions
 
 data, work, seed, out, recipes = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5:]
-record = {"setting": "ViT-Tiny (depth 12, width 192, 3 heads) with patch 4 at 32 px, class-token pooling, "
+record = {"setting": "ViT-Tiny (depth 12, width 192, 3 heads) with patch 4 at 32 px, pooling as each recipe's "
+                     "backbone_kwargs say (the random init: the first recipe's), "
                      "projector 2048-2048-2048, batch 256, 10,000 training images x 20 epochs (780 steps, 2 warm-up "
                      f"epochs), no blur, bf16 autocast, seed {seed}; evaluation in fp32 on all 60,000 / 10,000 "
                      "images: linear probe (SGD, 100 epochs) and kNN (k 20, T 0.1). RankMe (Garrido et al. 2023) of "

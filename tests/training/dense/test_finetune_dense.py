@@ -126,7 +126,7 @@ def test_out_indices_beyond_the_stages_and_missing_data_are_refused(tmp_path, en
     assert "valid indices are 0 to 4" in done.stderr and "4=layer4 (32 channels" in done.stderr
     done = _run("--task", "object-detection", "--model_name_or_path", str(encoder), "--output_dir", "out2", cwd=tmp_path)
     assert done.returncode == 2 and "--task object-detection needs --dataset_name" in done.stderr
-    # Options are checked before the output folder is made: a usage error leaves nothing behind.
+    # A usage error takes away the (still empty) output folders the command made.
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
