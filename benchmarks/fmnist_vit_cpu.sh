@@ -8,14 +8,15 @@
 #
 # SEED (default 42) seeds initialisation, augmentation and the evaluation; RESULTS (default
 # benchmarks/results/fmnist_vit.json) is the JSON written; THREADS (default 1) is each pretraining
-# run's thread count (2 for one recipe alone on a 2-core machine).
+# run's thread count (2 for one recipe alone on a 2-core machine); EVAL_THREADS (default 1) each
+# evaluation's.
 #
 # Every recipe gets the same run: ViT-Tiny (12 blocks of width 192, 3 heads) with 4 px patches at
 # 32 px (benchmarks/configs/vit_adamw.yaml; class-token pooling unless the recipe says otherwise),
 # projector 2048-2048-2048, batch 256, the first 10,000 training images for 20 epochs (780 steps,
 # 2 warm-up epochs), no blur, bf16 autocast (the loss stays fp32), seed $SEED, RankMe of 256 test
 # images every 39 steps. Then barlow-eval (fp32) on the full splits: linear probe (SGD on frozen
-# features) and kNN (k 20). The recipes run at once, THREADS threads each; each evaluation has one.
+# features) and kNN (k 20). The recipes run at once, THREADS threads each; each evaluation has EVAL_THREADS.
 # Then the first recipe's architecture (its pooling too) randomly initialised.
 # A run that stops can be restarted with the same command: pretraining resumes from its latest
 # checkpoint (every 78 steps), and finished steps are skipped.
@@ -24,6 +25,8 @@
 #   adamw  benchmarks/configs/vit_adamw.yaml: AdamW, 5e-4 per 256 images, weight decay 0.05
 #   adamw_avg  the same with the mean of the patch tokens as the feature (timm's global_pool "avg")
 #          and twice the learning rate, 1e-3 per 256 images
+#   adamw_crop  class token as in adamw, with milder crops (area 0.2-1, SimSiam's CIFAR and MoCo v2's
+#          value: at 32 px a 0.08 crop of a 28 px garment is a 9 px patch of it) and 1e-3 per 256 images
 #   lars   the same network with the LARS settings that did best for the ResNet on this data
 #          (configs/fmnist_small_image.yaml: weights 6.0, biases 0.3, weight decay 1e-4, loss scale 0.1)
 set -u
@@ -33,6 +36,7 @@ shift $(( $# < 2 ? $# : 2 ))
 if [ $# -gt 0 ]; then RECIPES=("$@"); else RECIPES=(adamw lars); fi
 SEED=${SEED:-42}
 THREADS=${THREADS:-1}
+EVAL_THREADS=${EVAL_THREADS:-1}
 RESULTS=$(realpath -m "${RESULTS:-$(dirname "$0")/results/fmnist_vit.json}")
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then PYTHON=${PYTHON:-.venv/bin/python}; else PYTHON=${PYTHON:-python3}; fi
@@ -43,6 +47,8 @@ recipe_options() {
     adamw) echo "--config benchmarks/configs/vit_adamw.yaml" ;;
     adamw_avg) echo "--config benchmarks/configs/vit_adamw.yaml --backbone_kwargs {\"patch_size\":4,\"global_pool\":\"avg\"}" \
                     "--learning_rate_weights 1e-3 --learning_rate_biases 1e-3" ;;
+    adamw_crop) echo "--config benchmarks/configs/vit_adamw.yaml --min_crop_scale 0.2" \
+                     "--learning_rate_weights 1e-3 --learning_rate_biases 1e-3" ;;
     lars) echo "--config benchmarks/configs/vit_adamw.yaml --optimizer lars --learning_rate_weights 6.0" \
                "--learning_rate_biases 0.3 --weight_decay 1e-4 --loss_scale 0.1" ;;
     *) echo "unknown recipe $1" >&2; return 1 ;;
@@ -70,7 +76,7 @@ run_recipe() {
       --blur_probability 0 0 --dataloader_num_workers 1 --mixed_precision bf16 --checkpointing_steps 78 \
       --seed "$SEED" $options "${resume[@]}" >> "$WORK/$name.pretrain.log" 2>&1 || { echo "$name: pretraining failed"; return 1; }
   fi
-  evaluate "$WORK/$name" "$WORK/$name-eval" 1 > "$WORK/$name.eval.log" 2>&1
+  evaluate "$WORK/$name" "$WORK/$name-eval" "$EVAL_THREADS" > "$WORK/$name.eval.log" 2>&1
   echo "$name: exit $?"
 }
 
@@ -96,7 +102,7 @@ data, work, seed, out, recipes = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]
 record = {"setting": "ViT-Tiny (depth 12, width 192, 3 heads) with patch 4 at 32 px, pooling as each recipe's "
                      "backbone_kwargs say (the random init: the first recipe's), "
                      "projector 2048-2048-2048, batch 256, 10,000 training images x 20 epochs (780 steps, 2 warm-up "
-                     f"epochs), no blur, bf16 autocast, seed {seed}; evaluation in fp32 on all 60,000 / 10,000 "
+                     f"epochs), crops of area 0.08-1 unless a recipe's min_crop_scale says otherwise, no blur, bf16 autocast, seed {seed}; evaluation in fp32 on all 60,000 / 10,000 "
                      "images: linear probe (SGD, 100 epochs) and kNN (k 20, T 0.1). RankMe (Garrido et al. 2023) of "
                      "the encoder's features and of the projections of the first 256 test images, every 39 steps.",
           "machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"), "seed": seed,
@@ -112,7 +118,7 @@ for name in recipes:
         record["recipes"][name] = {"error": str(error)}
         continue
     keys = ("optimizer", "learning_rate_weights", "learning_rate_biases", "weight_decay", "loss_scale",
-            "backbone", "backbone_kwargs", "image_size", "mixed_precision")
+            "backbone", "backbone_kwargs", "image_size", "min_crop_scale", "mixed_precision")
     record["recipes"][name] = {
         "linear_top1": results["linear_top1"], "knn_top1": results["knn_top1"],
         "rankme": [{"step": h["step"], "rankme": h.get("rankme"), "rankme_projections": h.get("rankme_projections"),
