@@ -13,8 +13,8 @@
 #
 # Every recipe gets the same run: ViT-Tiny (12 blocks of width 192, 3 heads) with 4 px patches at
 # 32 px (benchmarks/configs/vit_adamw.yaml; class-token pooling unless the recipe says otherwise),
-# projector 2048-2048-2048, batch 256, the first 10,000 training images for 20 epochs (780 steps,
-# 2 warm-up epochs), no blur, bf16 autocast (the loss stays fp32), seed $SEED, RankMe of 256 test
+# projector 2048-2048-2048 (unless the recipe says otherwise), batch 256, the first 10,000 training
+# images for 20 epochs (780 steps, 2 warm-up epochs), no blur, bf16 autocast (the loss stays fp32), seed $SEED, RankMe of 256 test
 # images every 39 steps. Then barlow-eval (fp32) on the full splits: linear probe (SGD on frozen
 # features) and kNN (k 20). The recipes run at once, THREADS threads each; each evaluation has EVAL_THREADS.
 # Then the first recipe's architecture (its pooling too) randomly initialised.
@@ -27,6 +27,8 @@
 #          and twice the learning rate, 1e-3 per 256 images
 #   adamw_crop  class token as in adamw, with milder crops (area 0.2-1, SimSiam's CIFAR and MoCo v2's
 #          value: at 32 px a 0.08 crop of a 28 px garment is a 9 px patch of it) and 1e-3 per 256 images
+#   adamw_proj1024  adamw (class token, 5e-4, crops 0.08-1) with a smaller projector, 1024-1024-1024,
+#          for the 192-wide encoder
 #   lars   the same network with the LARS settings that did best for the ResNet on this data
 #          (configs/fmnist_small_image.yaml: weights 6.0, biases 0.3, weight decay 1e-4, loss scale 0.1)
 set -u
@@ -49,6 +51,7 @@ recipe_options() {
                     "--learning_rate_weights 1e-3 --learning_rate_biases 1e-3" ;;
     adamw_crop) echo "--config benchmarks/configs/vit_adamw.yaml --min_crop_scale 0.2" \
                      "--learning_rate_weights 1e-3 --learning_rate_biases 1e-3" ;;
+    adamw_proj1024) echo "--config benchmarks/configs/vit_adamw.yaml --projector_dims 1024 1024 1024" ;;
     lars) echo "--config benchmarks/configs/vit_adamw.yaml --optimizer lars --learning_rate_weights 6.0" \
                "--learning_rate_biases 0.3 --weight_decay 1e-4 --loss_scale 0.1" ;;
     *) echo "unknown recipe $1" >&2; return 1 ;;
@@ -101,7 +104,7 @@ from common import machine, versions
 data, work, seed, out, recipes = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5:]
 record = {"setting": "ViT-Tiny (depth 12, width 192, 3 heads) with patch 4 at 32 px, pooling as each recipe's "
                      "backbone_kwargs say (the random init: the first recipe's), "
-                     "projector 2048-2048-2048, batch 256, 10,000 training images x 20 epochs (780 steps, 2 warm-up "
+                     "projector 2048-2048-2048 unless a recipe's projector_dims say otherwise, batch 256, 10,000 training images x 20 epochs (780 steps, 2 warm-up "
                      f"epochs), crops of area 0.08-1 unless a recipe's min_crop_scale says otherwise, no blur, bf16 autocast, seed {seed}; evaluation in fp32 on all 60,000 / 10,000 "
                      "images: linear probe (SGD, 100 epochs) and kNN (k 20, T 0.1). RankMe (Garrido et al. 2023) of "
                      "the encoder's features and of the projections of the first 256 test images, every 39 steps.",
@@ -118,7 +121,7 @@ for name in recipes:
         record["recipes"][name] = {"error": str(error)}
         continue
     keys = ("optimizer", "learning_rate_weights", "learning_rate_biases", "weight_decay", "loss_scale",
-            "backbone", "backbone_kwargs", "image_size", "min_crop_scale", "mixed_precision")
+            "backbone", "backbone_kwargs", "image_size", "min_crop_scale", "projector_dims", "mixed_precision")
     record["recipes"][name] = {
         "linear_top1": results["linear_top1"], "knn_top1": results["knn_top1"],
         "rankme": [{"step": h["step"], "rankme": h.get("rankme"), "rankme_projections": h.get("rankme_projections"),
