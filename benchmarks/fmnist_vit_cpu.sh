@@ -14,10 +14,12 @@
 # Every recipe gets the same run: ViT-Tiny (12 blocks of width 192, 3 heads) with 4 px patches at
 # 32 px (benchmarks/configs/vit_adamw.yaml; class-token pooling unless the recipe says otherwise),
 # projector 2048-2048-2048 (unless the recipe says otherwise), batch 256, the first 10,000 training
-# images for 20 epochs (780 steps, 2 warm-up epochs), no blur, bf16 autocast (the loss stays fp32), seed $SEED, RankMe of 256 test
-# images every 39 steps. Then barlow-eval (fp32) on the full splits: linear probe (SGD on frozen
-# features) and kNN (k 20). The recipes run at once, THREADS threads each; each evaluation has EVAL_THREADS.
-# Then the first recipe's architecture (its pooling too) randomly initialised.
+# images for 20 epochs (780 steps, 2 warm-up epochs), no blur, bf16 autocast (the loss stays fp32),
+# seed $SEED, RankMe of 256 test images every 39 steps. Then barlow-eval (fp32) on the full splits:
+# linear probe (SGD on frozen features) and kNN (k 20). The recipes run at once, THREADS threads each;
+# each evaluation has EVAL_THREADS. Then the first recipe's architecture (its pooling too) randomly
+# initialised, in random-eval-<that recipe>, so a work folder shared by recipes with different
+# pooling never reuses another's baseline.
 # A run that stops can be restarted with the same command: pretraining resumes from its latest
 # checkpoint (every 78 steps), and finished steps are skipped.
 #
@@ -91,7 +93,7 @@ for name in "${RECIPES[@]}"; do run_recipe "$name" & PIDS+=($!); done
 wait "${PIDS[@]}"
 
 # For reference: the same architecture with no pretraining.
-evaluate "$WORK/${RECIPES[0]}" "$WORK/random-eval" 2 --random_init > "$WORK/random.eval.log" 2>&1
+evaluate "$WORK/${RECIPES[0]}" "$WORK/random-eval-${RECIPES[0]}" 2 --random_init > "$WORK/random.eval.log" 2>&1
 kill "$SAMPLER"
 
 "$PYTHON" - "$DATA" "$WORK" "$SEED" "$RESULTS" "${RECIPES[@]}" <<'EOF'
@@ -129,7 +131,7 @@ for name in recipes:
         "final_rankme": metrics.get("rankme"), "final_on_diagonal_loss": metrics.get("on_diagonal_loss"),
         "pretrain_wall_time_s": metrics.get("total_wall_time_s"), "options": {k: args.get(k) for k in keys}}
 try:
-    random_init = json.loads((work / "random-eval" / "eval_results.json").read_text())
+    random_init = json.loads((work / f"random-eval-{recipes[0]}" / "eval_results.json").read_text())
     record["random_init_linear_top1"] = random_init["linear_top1"]
     record["random_init_knn_top1"] = random_init["knn_top1"]
 except (OSError, ValueError) as error:
