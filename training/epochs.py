@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import datasets
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 
 from barlow_cli import CommandFailed
 
@@ -45,7 +44,8 @@ class TrainingBatches:
 
     Args:
         stream: this process's share, with ``set_epoch`` and ``skip`` (``datasets.IterableDataset``).
-        make_loader: ``(stream, persistent, epoch) -> DataLoader`` of collated batches of ``batch_size``.
+        make_loader: ``(stream, persistent, epoch, skipped_examples)`` -> the collated batches of
+            ``batch_size`` of the epoch, after its first ``skipped_examples`` (when resuming it).
         on_epoch_end: called after each complete epoch (before the next one is read), e.g. to
             save an epoch checkpoint.
     """
@@ -53,7 +53,7 @@ class TrainingBatches:
     def __init__(
         self,
         stream: datasets.IterableDataset,
-        make_loader: Callable[[datasets.IterableDataset, bool, int], DataLoader],
+        make_loader: Callable[[datasets.IterableDataset, bool, int, int], Iterable[dict]],
         batch_size: int,
         accelerator: Accelerator,
         state: TrainerState,
@@ -69,21 +69,19 @@ class TrainingBatches:
         self.on_epoch_end = on_epoch_end
         self.stopped_by: str | None = None
         self.wait_seconds = 0.0  # time spent waiting for the loader, for the data_wait_fraction metric
-        self._epoch_loader: DataLoader | None = None
+        self._epoch_loader: Iterable[dict] | None = None
         self._yielded = 0
         self._unusable_in_a_row = 0
 
-    def _loader(self) -> DataLoader:
+    def _loader(self) -> Iterable[dict]:
         """The loader over the rest of this epoch: a one-off one when resuming in its middle."""
-        self.stream.set_epoch(self.state.epoch)
         if self.state.examples_in_epoch:
-            rest = self.stream.skip(self.state.examples_in_epoch)
-            rest.set_epoch(self.state.epoch)  # skip() starts its copy at epoch 0
-            return self.make_loader(rest, False, self.state.epoch)
+            return self.make_loader(self.stream, False, self.state.epoch, self.state.examples_in_epoch)
+        self.stream.set_epoch(self.state.epoch)
         if self._epoch_loader is None:
             # Workers live for the whole run: datasets shares set_epoch with them, so each epoch
             # is still reshuffled.
-            self._epoch_loader = self.make_loader(self.stream, self.persistent_workers, self.state.epoch)
+            self._epoch_loader = self.make_loader(self.stream, self.persistent_workers, self.state.epoch, 0)
         return self._epoch_loader
 
     def _next(self, batches: Iterator[dict], at_boundary: bool) -> dict | None:

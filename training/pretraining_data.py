@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 from torchvision.transforms import v2
 
 from barlow_cli import UsageError
@@ -26,7 +28,7 @@ from .collate import TwoViewCollator
 from .data import count_examples, is_local_source, load_image_dataset, prepare_stream, resolve_image_column
 from .signals import ignore_interrupts
 
-__all__ = ["PretrainingData", "load_pretraining_data"]
+__all__ = ["PretrainingData", "ResumableCollate", "load_pretraining_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +57,27 @@ class PretrainingData:
     device_augment: TwoViewBatchAugmentation | None = None
     memory_format: torch.memory_format = torch.contiguous_format
 
-    def make_loader(self, stream: datasets.IterableDataset, persistent: bool, epoch: int) -> DataLoader:
-        """A loader of collated batches over ``stream``; ``persistent`` keeps its workers between epochs."""
-        return DataLoader(
-            stream, batch_size=self.train_args.per_device_train_batch_size, collate_fn=self.collator,
+    def make_loader(
+        self, stream: datasets.IterableDataset, persistent: bool, epoch: int, skipped_examples: int = 0
+    ) -> Iterable[dict]:
+        """The collated batches of ``stream``'s epoch ``epoch``, after the first ``skipped_examples``
+        (a resumed epoch: a multiple of the batch size); ``persistent`` keeps the workers between epochs."""
+        batch_size, workers = self.train_args.per_device_train_batch_size, self.data_args.dataloader_num_workers
+        stream.set_epoch(epoch)
+        collate = ResumableCollate(
+            self.collator, self.train_args.seed, self.accelerator.process_index, batch_size, skipped_examples
+        )
+        loader = DataLoader(
+            stream, batch_size=batch_size, collate_fn=collate,
             # Short batches are kept and merged by whole_batches: each worker ends an epoch with one.
-            num_workers=self.data_args.dataloader_num_workers, drop_last=False, persistent_workers=persistent,
+            num_workers=workers, drop_last=False, persistent_workers=persistent,
             pin_memory=self.accelerator.device.type == "cuda",  # lets to_views copy without blocking
             worker_init_fn=ignore_interrupts,
             # Its own generator: creating the loader must not draw from the global RNG, or a resumed
             # run's augmentations would differ from an uninterrupted one's.
             generator=torch.Generator().manual_seed(self.train_args.seed + epoch),
         )
+        return _UnusedBatches(loader) if skipped_examples else loader
 
     def to_views(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """A collated batch -> the two model inputs (B, C, H, W) on the device, augmented there if asked."""
@@ -77,6 +88,57 @@ class PretrainingData:
             with torch.no_grad():
                 view_1, view_2 = self.device_augment(view_1, view_2)
         return view_1.contiguous(memory_format=self.memory_format), view_2.contiguous(memory_format=self.memory_format)
+
+
+class ResumableCollate:
+    """The collator of the pretraining loader: when resuming an epoch, the batches already used come
+    back as ``None``, read but not decoded; in DataLoader workers, torch's RNG is seeded before each
+    batch from (seed, process, epoch, worker, the worker's batch number in the epoch).
+
+    The stream's ``skip()`` cannot resume an epoch exactly: it fixes the order of the shards (so
+    after epoch 0 it reads them in another order than the epoch had), datasets splits the count
+    evenly over the workers (the loader takes batches from them in turn), and once the stream is
+    split by process not at all (each worker skips the whole count). So a resumed loader reads the
+    whole epoch and drops what was used: in the main process its first ``k = skipped_examples /
+    batch_size`` batches, in worker ``i`` of the ``W`` that have shards its first
+    ``k // W + (i < k % W)``. That is exact until a worker's share of the epoch ends (its short
+    last batch). A worker's RNG is not in a checkpoint (accelerate saves the main process's, which
+    the main process's collation draws from), hence the seeding.
+    """
+
+    def __init__(self, collator: Callable[[list[dict]], dict], seed: int, process_index: int, batch_size: int,
+                 skipped_examples: int = 0) -> None:
+        self.collator, self.seed, self.process_index = collator, seed, process_index
+        self.used_batches = skipped_examples // batch_size
+        self._epoch: int | None = None
+        self._batch = 0
+        self._skip_until = self.used_batches  # the main process's loader is for one epoch
+
+    def __call__(self, examples: list[dict]) -> dict | None:
+        worker = get_worker_info()
+        if worker is not None:
+            epoch = worker.dataset.epoch
+            if epoch != self._epoch:  # persistent workers see every epoch; the batch numbers restart
+                self._epoch, self._batch = epoch, 0
+                with_data = min(worker.num_workers, worker.dataset.num_shards)
+                self._skip_until = self.used_batches // with_data + (worker.id < self.used_batches % with_data)
+        number, self._batch = self._batch, self._batch + 1
+        if number < self._skip_until:
+            return None
+        if worker is not None:
+            key = [self.seed, self.process_index, self._epoch, worker.id, number]
+            torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]))
+        return self.collator(examples)
+
+
+class _UnusedBatches:
+    """A resumed epoch's loader, less the ``None`` its collation returns for the batches already used."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict]:
+        return (batch for batch in self.loader if batch is not None)
 
 
 def load_pretraining_data(

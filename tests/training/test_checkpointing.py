@@ -19,11 +19,18 @@ pretrain = returning(main, "metrics.json")
 
 
 # 96 examples in batches of 16: 6 steps per epoch. Step 3 is mid-epoch; step 6 is the epoch's last
-# batch, saved before the loader found the epoch exhausted (nothing of it is left to read).
-@pytest.mark.parametrize("saved_at, total", [(3, 6), (6, 8)])
-def test_resume_continues_with_the_same_losses(tmp_path, parquet_folder, saved_at, total):
+# batch, saved before the loader found the epoch exhausted (nothing of it is left to read); step 9
+# is in the middle of epoch 1, whose shards come in another order than epoch 0's (loaded into memory
+# and made a stream of shards, a skip() would read them in epoch 0's order). With workers, each
+# one's augmentations are seeded per batch, and with 2 of them step 9 is one batch more from the
+# first worker than from the second.
+@pytest.mark.parametrize("saved_at, total, workers, loaded", [
+    (3, 6, 0, False), (6, 8, 0, False), (9, 11, 0, True), (3, 5, 1, False), (9, 11, 2, True),
+])
+def test_resume_continues_with_the_same_losses(tmp_path, parquet_folder, saved_at, total, workers, loaded):
     common = ["--dataset_name", str(parquet_folder), "--max_train_steps", str(total),
-              "--checkpointing_steps", str(saved_at), *TINY]
+              "--checkpointing_steps", str(saved_at), "--dataloader_num_workers", str(workers), *TINY,
+              *(["--no_streaming"] if loaded else [])]
     full = tmp_path / "full"
     main([*common, "--output_dir", str(full)])
     # The state at step `saved_at` of the same run is what an interruption there would have left.
