@@ -152,6 +152,26 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
         assert two_mean == pytest.approx(one_mean, rel=0.2), term
 
 
+@pytest.mark.slow
+def test_two_processes_with_workers_resume_mid_epoch_with_the_same_losses(tmp_path, parquet_folder):
+    # 96 images in 4 files: 2 per process, one per worker, 48 per process in batches of 8, so 6 steps
+    # per epoch. Step 9 is mid-epoch 1, after one batch more from each process's first worker than
+    # from its second. (datasets' skip() made every worker skip the whole count here.)
+    base = ["--dataset_name", str(parquet_folder), "--max_train_steps", "10", "--checkpointing_steps", "9",
+            "--dataloader_num_workers", "2", *TINY, "--per_device_train_batch_size", "8"]
+    full = _launch([*base, "--output_dir", str(tmp_path / "full")], 2)
+    assert full.returncode == 0, full.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-9", resumed / "checkpoint-9")
+    again = _launch([*base, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], 2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    expected = {h["step"]: h["train_loss"] for h in history(tmp_path / "full")}
+    got = {h["step"]: h["train_loss"] for h in history(resumed)}
+    assert list(got) == [10]
+    assert got[10] == pytest.approx(expected[10], rel=1e-5)
+
+
 def test_help_documents_every_option():
     result = subprocess.run([sys.executable, "-m", "training.pretrain", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
