@@ -43,7 +43,7 @@ class TrainingBatches:
     raises ``CommandFailed`` when the data cannot give a step.
 
     Args:
-        stream: this process's share, with ``set_epoch`` and ``skip`` (``datasets.IterableDataset``).
+        stream: this process's share, with ``set_epoch`` (``datasets.IterableDataset``).
         make_loader: ``(stream, persistent, epoch, skipped_examples)`` -> the collated batches of
             ``batch_size`` of the epoch, after its first ``skipped_examples`` (when resuming it).
         on_epoch_end: called after each complete epoch (before the next one is read), e.g. to
