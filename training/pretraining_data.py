@@ -101,8 +101,9 @@ class ResumableCollate:
     split by process not at all (each worker skips the whole count). So a resumed loader reads the
     whole epoch and drops what was used: in the main process its first ``k = skipped_examples /
     batch_size`` batches, in worker ``i`` of the ``W`` that have shards its first
-    ``k // W + (i < k % W)``. That is exact until a worker's share of the epoch ends (its short
-    last batch). A worker's RNG is not in a checkpoint (accelerate saves the main process's, which
+    ``k // W + (i < k % W)``. That is exact until the first worker's share of the epoch runs out;
+    after that the others gave its turns too, and those batches are read again (counting batches per
+    worker and process in the checkpoint would fix it). A worker's RNG is not in a checkpoint (accelerate saves the main process's, which
     the main process's collation draws from), hence the seeding.
     """
 
