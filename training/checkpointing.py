@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -47,8 +47,14 @@ class TrainerState:
     global_step: int = 0
     epoch: int = 0
     examples_in_epoch: int = 0  # raw examples this process consumed in `epoch`
+    # Batches of `epoch` this process took from each DataLoader worker; each process saves its own.
+    worker_batches: list[int] = field(default_factory=list)
     skipped_images: int = 0
     wall_time_s: float = 0.0  # seconds in the training loop up to this checkpoint, resumed runs included
+
+
+def _worker_batches_file(folder: Path, process_index: int) -> Path:
+    return folder / f"worker_batches_{process_index}.json"
 
 
 def save_checkpoint(
@@ -71,6 +77,7 @@ def save_checkpoint(
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    _worker_batches_file(partial, accelerator.process_index).write_text(json.dumps(state.worker_batches))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
@@ -163,6 +170,9 @@ def load_checkpoint(
         try:
             state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
             accelerator.load_state(str(path))
+            worker_file = _worker_batches_file(path, accelerator.process_index)
+            # (none in checkpoints from before it was kept: the loader then assumes even turns)
+            state.worker_batches = json.loads(worker_file.read_text()) if worker_file.is_file() else []
         except CheckpointMismatch:
             raise
         except Exception as error:  # noqa: BLE001 - any file that does not load makes the checkpoint unusable

@@ -44,8 +44,10 @@ class TrainingBatches:
 
     Args:
         stream: this process's share, with ``set_epoch`` (``datasets.IterableDataset``).
-        make_loader: ``(stream, persistent, epoch, skipped_examples)`` -> the collated batches of
-            ``batch_size`` of the epoch, after its first ``skipped_examples`` (when resuming it).
+        make_loader: ``(stream, persistent, epoch, skipped_examples, worker_batches)`` -> the
+            collated batches of ``batch_size`` of the epoch, after its first ``skipped_examples``
+            (when resuming it; ``worker_batches[i]`` of them came from worker ``i``). A batch from a
+            worker names it under ``"worker"``.
         on_epoch_end: called after each complete epoch (before the next one is read), e.g. to
             save an epoch checkpoint.
     """
@@ -53,7 +55,7 @@ class TrainingBatches:
     def __init__(
         self,
         stream: datasets.IterableDataset,
-        make_loader: Callable[[datasets.IterableDataset, bool, int, int], Iterable[dict]],
+        make_loader: Callable[[datasets.IterableDataset, bool, int, int, list[int]], Iterable[dict]],
         batch_size: int,
         accelerator: Accelerator,
         state: TrainerState,
@@ -72,16 +74,18 @@ class TrainingBatches:
         self._epoch_loader: Iterable[dict] | None = None
         self._yielded = 0
         self._unusable_in_a_row = 0
+        self._pulled_from: list[int] = []  # workers of the loader batches read since the last one taken
 
     def _loader(self) -> Iterable[dict]:
         """The loader over the rest of this epoch: a one-off one when resuming in its middle."""
         if self.state.examples_in_epoch:
-            return self.make_loader(self.stream, False, self.state.epoch, self.state.examples_in_epoch)
+            return self.make_loader(self.stream, False, self.state.epoch, self.state.examples_in_epoch,
+                                    list(self.state.worker_batches))
         self.stream.set_epoch(self.state.epoch)
         if self._epoch_loader is None:
             # Workers live for the whole run: datasets shares set_epoch with them, so each epoch
             # is still reshuffled.
-            self._epoch_loader = self.make_loader(self.stream, self.persistent_workers, self.state.epoch, 0)
+            self._epoch_loader = self.make_loader(self.stream, self.persistent_workers, self.state.epoch, 0, [])
         return self._epoch_loader
 
     def _next(self, batches: Iterator[dict], at_boundary: bool) -> dict | None:
@@ -100,7 +104,7 @@ class TrainingBatches:
     def __iter__(self) -> Iterator[dict]:
         while True:
             resumed_mid_epoch = self.state.examples_in_epoch > 0
-            batches = whole_batches(self._loader(), self.batch_size)
+            batches = whole_batches(self._noting_workers(self._loader()), self.batch_size)
             taken = usable = 0
             while True:
                 at_boundary = self._yielded % self.accumulation_steps == 0
@@ -117,6 +121,7 @@ class TrainingBatches:
                     break
                 taken += 1
                 self.state.examples_in_epoch += self.batch_size
+                self._count_workers()
                 self.state.skipped_images += int(batch["num_skipped"])
                 if not every_enough:
                     self._unusable()
@@ -134,8 +139,24 @@ class TrainingBatches:
                                     "--per_device_train_batch_size.")
             self.state.epoch += 1
             self.state.examples_in_epoch = 0
+            self.state.worker_batches, self._pulled_from = [], []
             if self.on_epoch_end is not None:
                 self.on_epoch_end()
+
+    def _noting_workers(self, loader: Iterable[dict]) -> Iterator[dict]:
+        for batch in loader:
+            if "worker" in batch:
+                self._pulled_from.append(batch.pop("worker"))
+            yield batch
+
+    def _count_workers(self) -> None:
+        """Count the loader batches behind the batch taken against their workers, for a resume.
+        (Rows of a worker's short last batch still waiting in whole_batches count as taken.)"""
+        for worker in self._pulled_from:
+            counts = self.state.worker_batches
+            counts.extend([0] * (worker + 1 - len(counts)))
+            counts[worker] += 1
+        self._pulled_from.clear()
 
     def _unusable(self) -> None:
         self._unusable_in_a_row += 1

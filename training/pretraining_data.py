@@ -58,14 +58,18 @@ class PretrainingData:
     memory_format: torch.memory_format = torch.contiguous_format
 
     def make_loader(
-        self, stream: datasets.IterableDataset, persistent: bool, epoch: int, skipped_examples: int = 0
+        self, stream: datasets.IterableDataset, persistent: bool, epoch: int, skipped_examples: int = 0,
+        worker_batches: list[int] | None = None,
     ) -> Iterable[dict]:
         """The collated batches of ``stream``'s epoch ``epoch``, after the first ``skipped_examples``
-        (a resumed epoch: a multiple of the batch size); ``persistent`` keeps the workers between epochs."""
+        (a resumed epoch: a multiple of the batch size), of which ``worker_batches[i]`` batches came
+        from worker ``i``; ``persistent`` keeps the workers between epochs. A batch from a worker
+        names it under ``"worker"``."""
         batch_size, workers = self.train_args.per_device_train_batch_size, self.data_args.dataloader_num_workers
         stream.set_epoch(epoch)
         collate = ResumableCollate(
-            self.collator, self.train_args.seed, self.accelerator.process_index, batch_size, skipped_examples
+            self.collator, self.train_args.seed, self.accelerator.process_index, batch_size, skipped_examples,
+            worker_batches,
         )
         loader = DataLoader(
             stream, batch_size=batch_size, collate_fn=collate,
@@ -93,27 +97,37 @@ class PretrainingData:
 class ResumableCollate:
     """The collator of the pretraining loader: when resuming an epoch, the batches already used come
     back as ``None``, read but not decoded; in DataLoader workers, torch's RNG is seeded before each
-    batch from (seed, process, epoch, worker, the worker's batch number in the epoch).
+    batch from (seed, process, epoch, worker, the worker's batch number in the epoch), and the batch
+    names its worker under ``"worker"``.
 
     The stream's ``skip()`` cannot resume an epoch exactly: it fixes the order of the shards (so
     after epoch 0 it reads them in another order than the epoch had), datasets splits the count
     evenly over the workers (the loader takes batches from them in turn), and once the stream is
     split by process not at all (each worker skips the whole count). So a resumed loader reads the
     whole epoch and drops what was used: in the main process its first ``k = skipped_examples /
-    batch_size`` batches, in worker ``i`` of the ``W`` that have shards its first
-    ``k // W + (i < k % W)``. That is exact until the first worker's share of the epoch runs out;
-    after that the others gave its turns too, and those batches are read again (counting batches per
-    worker and process in the checkpoint would fix it). A worker's RNG is not in a checkpoint (accelerate saves the main process's, which
-    the main process's collation draws from), hence the seeding.
+    batch_size`` batches, in worker ``i`` its first ``worker_batches[i]`` (counted by the loop from
+    the ``"worker"`` names). Without counts (a checkpoint from before they were kept), worker ``i``
+    of the ``W`` that have shards assumes even turns, ``k // W + (i < k % W)``: exact until the
+    first worker's share of the epoch runs out. A worker's RNG is not in a checkpoint (accelerate
+    saves the main process's, which the main process's collation draws from), hence the seeding.
     """
 
     def __init__(self, collator: Callable[[list[dict]], dict], seed: int, process_index: int, batch_size: int,
-                 skipped_examples: int = 0) -> None:
+                 skipped_examples: int = 0, worker_batches: list[int] | None = None) -> None:
         self.collator, self.seed, self.process_index = collator, seed, process_index
         self.used_batches = skipped_examples // batch_size
+        self.worker_batches = list(worker_batches or [])
         self._epoch: int | None = None
         self._batch = 0
         self._skip_until = self.used_batches  # the main process's loader is for one epoch
+
+    def _used_by(self, worker_id: int, num_workers: int, num_shards: int) -> int:
+        if not self.used_batches:
+            return 0
+        if self.worker_batches:
+            return self.worker_batches[worker_id] if worker_id < len(self.worker_batches) else 0
+        with_data = min(num_workers, num_shards)
+        return self.used_batches // with_data + (worker_id < self.used_batches % with_data)
 
     def __call__(self, examples: list[dict]) -> dict | None:
         worker = get_worker_info()
@@ -121,15 +135,15 @@ class ResumableCollate:
             epoch = worker.dataset.epoch
             if epoch != self._epoch:  # persistent workers see every epoch; the batch numbers restart
                 self._epoch, self._batch = epoch, 0
-                with_data = min(worker.num_workers, worker.dataset.num_shards)
-                self._skip_until = self.used_batches // with_data + (worker.id < self.used_batches % with_data)
+                self._skip_until = self._used_by(worker.id, worker.num_workers, worker.dataset.num_shards)
         number, self._batch = self._batch, self._batch + 1
         if number < self._skip_until:
             return None
-        if worker is not None:
-            key = [self.seed, self.process_index, self._epoch, worker.id, number]
-            torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]))
-        return self.collator(examples)
+        if worker is None:
+            return self.collator(examples)
+        key = [self.seed, self.process_index, self._epoch, worker.id, number]
+        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]))
+        return {**self.collator(examples), "worker": worker.id}
 
 
 class _UnusedBatches:

@@ -1,6 +1,6 @@
 """Resuming an epoch in its middle: the rest of the epoch comes as the uninterrupted loader gave it
 (the same examples in the same order, with the same augmentation draws), with or without
-DataLoader workers, on one process or as one of several.
+DataLoader workers, on one process or as one of several, also after a worker's share ran out.
 
 The stream is made here: integers in 8 shards, so which examples a loader gives is plain to see,
 and the "collator" records each batch's ids and one draw of torch's RNG (what an augmentation
@@ -36,9 +36,19 @@ def _data(num_workers: int, process_index: int, num_processes: int) -> Pretraini
     )
 
 
-def _epoch(data: PretrainingData, epoch: int, used: int = 0) -> list[dict]:
+def _epoch(data: PretrainingData, epoch: int, used: int = 0, worker_batches: list[int] | None = None) -> list[dict]:
     torch.manual_seed(0)  # the main process's RNG, as a checkpoint would restore it
-    return list(data.make_loader(data.stream, False, epoch, used * BATCH))
+    return list(data.make_loader(data.stream, False, epoch, used * BATCH, worker_batches))
+
+
+def _worker_batches(batches: list[dict]) -> list[int]:
+    """What the training loop counts from the batches' "worker" names (None without workers)."""
+    counts: list[int] = []
+    for batch in batches:
+        if "worker" in batch:
+            counts.extend([0] * (batch["worker"] + 1 - len(counts)))
+            counts[batch["worker"]] += 1
+    return counts or None
 
 
 @pytest.mark.parametrize("num_workers, process_index, num_processes", [
@@ -48,12 +58,26 @@ def test_a_resumed_epoch_continues_as_the_uninterrupted_one(num_workers, process
     data = _data(num_workers, process_index, num_processes)
     full = _epoch(data, epoch=1)
     assert len(full) == 128 // num_processes // BATCH  # every batch whole: no worker's share ends short
-    # Odd counts: the loader took one batch more from some workers than from others.
-    for used in (1, 3, 5):
-        rest = _epoch(data, epoch=1, used=used)
+    # Odd counts: the loader took one batch more from some workers than from others. The last: with
+    # 3 workers over 8 shards (3, 3 and 2 of them), the third worker's share ran out 8 batches ago.
+    for used in (1, 3, 5, len(full) - 4):
+        rest = _epoch(data, epoch=1, used=used, worker_batches=_worker_batches(full[:used]))
         assert [b["ids"] for b in rest] == [b["ids"] for b in full[used:]], used
         if num_workers:  # in the main process the draws follow its RNG, which a checkpoint restores
             assert [b["draw"] for b in rest] == [b["draw"] for b in full[used:]], used
+            assert {b["worker"] for b in full} == set(range(num_workers))
+
+
+def test_without_worker_counts_workers_assume_even_turns():
+    # A checkpoint from before the counts were kept: exact until the first worker's share runs out
+    # (3 workers over 8 shards of 16: after 24 batches), and after it nothing is missed.
+    data = _data(3, 0, 1)
+    full = _epoch(data, epoch=1)
+    for used in (1, 5, 24):
+        assert [b["ids"] for b in _epoch(data, epoch=1, used=used)] == [b["ids"] for b in full[used:]], used
+    rest = [i for b in _epoch(data, epoch=1, used=28) for i in b["ids"]]
+    assert set(rest) >= {i for b in full[28:] for i in b["ids"]}
+    assert len(rest) > len([i for b in full[28:] for i in b["ids"]])  # the gap the counts close
 
 
 def test_worker_draws_differ_between_batches_epochs_and_processes():
