@@ -80,7 +80,9 @@ def save_checkpoint(
     _worker_batches_file(partial, accelerator.process_index).write_text(json.dumps(state.worker_batches))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        # The worker counts are per process: in worker_batches_<process>.json, not here.
+        shared = {key: value for key, value in asdict(state).items() if key != "worker_batches"}
+        (partial / STATE_FILE).write_text(json.dumps(shared, indent=2))
         if save_extra is not None:
             save_extra(partial)
         if final.exists():  # a checkpoint of the same step from an earlier run

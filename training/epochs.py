@@ -47,7 +47,7 @@ class TrainingBatches:
         make_loader: ``(stream, persistent, epoch, skipped_examples, worker_batches)`` -> the
             collated batches of ``batch_size`` of the epoch, after its first ``skipped_examples``
             (when resuming it; ``worker_batches[i]`` of them came from worker ``i``). A batch from a
-            worker names it under ``"worker"``.
+            worker names it under ``"worker"`` as ``(worker id, number of workers)``.
         on_epoch_end: called after each complete epoch (before the next one is read), e.g. to
             save an epoch checkpoint.
     """
@@ -74,7 +74,8 @@ class TrainingBatches:
         self._epoch_loader: Iterable[dict] | None = None
         self._yielded = 0
         self._unusable_in_a_row = 0
-        self._pulled_from: list[int] = []  # workers of the loader batches read since the last one taken
+        # (worker id, number of workers) of the loader batches read since the last batch taken
+        self._pulled_from: list[tuple[int, int]] = []
 
     def _loader(self) -> Iterable[dict]:
         """The loader over the rest of this epoch: a one-off one when resuming in its middle."""
@@ -152,9 +153,9 @@ class TrainingBatches:
     def _count_workers(self) -> None:
         """Count the loader batches behind the batch taken against their workers, for a resume.
         (Rows of a worker's short last batch still waiting in whole_batches count as taken.)"""
-        for worker in self._pulled_from:
-            counts = self.state.worker_batches
-            counts.extend([0] * (worker + 1 - len(counts)))
+        counts = self.state.worker_batches
+        for worker, num_workers in self._pulled_from:
+            counts.extend([0] * (num_workers - len(counts)))  # one count per worker, so the length says how many
             counts[worker] += 1
         self._pulled_from.clear()
 

@@ -64,7 +64,7 @@ class PretrainingData:
         """The collated batches of ``stream``'s epoch ``epoch``, after the first ``skipped_examples``
         (a resumed epoch: a multiple of the batch size), of which ``worker_batches[i]`` batches came
         from worker ``i``; ``persistent`` keeps the workers between epochs. A batch from a worker
-        names it under ``"worker"``."""
+        names it under ``"worker"`` as ``(worker id, number of workers)``."""
         batch_size, workers = self.train_args.per_device_train_batch_size, self.data_args.dataloader_num_workers
         stream.set_epoch(epoch)
         collate = ResumableCollate(
@@ -98,7 +98,7 @@ class ResumableCollate:
     """The collator of the pretraining loader: when resuming an epoch, the batches already used come
     back as ``None``, read but not decoded; in DataLoader workers, torch's RNG is seeded before each
     batch from (seed, process, epoch, worker, the worker's batch number in the epoch), and the batch
-    names its worker under ``"worker"``.
+    names its worker under ``"worker"``: ``(worker id, number of workers)``.
 
     The stream's ``skip()`` cannot resume an epoch exactly: it fixes the order of the shards (so
     after epoch 0 it reads them in another order than the epoch had), datasets splits the count
@@ -108,7 +108,9 @@ class ResumableCollate:
     batch_size`` batches, in worker ``i`` its first ``worker_batches[i]`` (counted by the loop from
     the ``"worker"`` names). Without counts (a checkpoint from before they were kept), worker ``i``
     of the ``W`` that have shards assumes even turns, ``k // W + (i < k % W)``: exact until the
-    first worker's share of the epoch runs out. A worker's RNG is not in a checkpoint (accelerate
+    first worker's share of the epoch runs out. So does a run resumed with another number of
+    workers, whose counts no longer apply (the shards are spread otherwise): only approximately,
+    as many batches but not the same ones. A worker's RNG is not in a checkpoint (accelerate
     saves the main process's, which the main process's collation draws from), hence the seeding.
     """
 
@@ -124,8 +126,8 @@ class ResumableCollate:
     def _used_by(self, worker_id: int, num_workers: int, num_shards: int) -> int:
         if not self.used_batches:
             return 0
-        if self.worker_batches:
-            return self.worker_batches[worker_id] if worker_id < len(self.worker_batches) else 0
+        if len(self.worker_batches) == num_workers:  # counted by a run with as many workers
+            return self.worker_batches[worker_id]
         with_data = min(num_workers, num_shards)
         return self.used_batches // with_data + (worker_id < self.used_batches % with_data)
 
@@ -143,7 +145,7 @@ class ResumableCollate:
             return self.collator(examples)
         key = [self.seed, self.process_index, self._epoch, worker.id, number]
         torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]))
-        return {**self.collator(examples), "worker": worker.id}
+        return {**self.collator(examples), "worker": (worker.id, worker.num_workers)}
 
 
 class _UnusedBatches:

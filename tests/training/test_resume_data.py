@@ -46,8 +46,9 @@ def _worker_batches(batches: list[dict]) -> list[int]:
     counts: list[int] = []
     for batch in batches:
         if "worker" in batch:
-            counts.extend([0] * (batch["worker"] + 1 - len(counts)))
-            counts[batch["worker"]] += 1
+            worker, num_workers = batch["worker"]
+            counts.extend([0] * (num_workers - len(counts)))
+            counts[worker] += 1
     return counts or None
 
 
@@ -65,7 +66,7 @@ def test_a_resumed_epoch_continues_as_the_uninterrupted_one(num_workers, process
         assert [b["ids"] for b in rest] == [b["ids"] for b in full[used:]], used
         if num_workers:  # in the main process the draws follow its RNG, which a checkpoint restores
             assert [b["draw"] for b in rest] == [b["draw"] for b in full[used:]], used
-            assert {b["worker"] for b in full} == set(range(num_workers))
+            assert {b["worker"] for b in full} == {(i, num_workers) for i in range(num_workers)}
 
 
 def test_without_worker_counts_workers_assume_even_turns():
@@ -78,6 +79,17 @@ def test_without_worker_counts_workers_assume_even_turns():
     rest = [i for b in _epoch(data, epoch=1, used=28) for i in b["ids"]]
     assert set(rest) >= {i for b in full[28:] for i in b["ids"]}
     assert len(rest) > len([i for b in full[28:] for i in b["ids"]])  # the gap the counts close
+
+
+def test_counts_from_another_number_of_workers_are_not_applied():
+    # 2 workers counted [3, 2]; with 3 workers the shards are spread otherwise, so the counts would
+    # drop the wrong batches: the 3 workers assume even turns instead, exact this early.
+    two, three = _data(2, 0, 1), _data(3, 0, 1)
+    counts = _worker_batches(_epoch(two, epoch=1)[:5])
+    assert counts == [3, 2]
+    full = _epoch(three, epoch=1)
+    rest = _epoch(three, epoch=1, used=5, worker_batches=counts)
+    assert [b["ids"] for b in rest] == [b["ids"] for b in full[5:]]
 
 
 def test_worker_draws_differ_between_batches_epochs_and_processes():
