@@ -30,8 +30,10 @@ def test_processor_matches_timms_eval_transform(tmp_path, tiny_config, photo):
     ours = loaded(photo, return_tensors="pt")["pixel_values"][0]
     reference = _timm_eval_transform(photo, tiny_config)
     assert ours.shape == reference.shape == (3, 32, 32)
-    # Resize implementations and a possibly 1 px different crop: close, not bit-identical.
-    assert (ours - reference).abs().mean() < 0.05
+    # Resize implementations (PIL's bicubic against torchvision's): not bit-identical, but 7.9e-5 apart
+    # on average (0.018 at most); resampling bilinear instead would be 0.036 (0.40) away.
+    difference = (ours - reference).abs()
+    assert difference.mean() < 1e-3 and difference.max() < 0.05
     assert loaded.size["shortest_edge"] == math.floor(32 / tiny_config.crop_pct)
 
 
