@@ -69,6 +69,11 @@ def finished_run(tmp_path_factory, parquet_folder) -> Path:
     return out
 
 
+def _contents(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path: bytes), to tell that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def _copy(run: Path, tmp_path: Path) -> Path:
     import shutil
 
@@ -195,11 +200,12 @@ def test_a_finished_run_is_never_mixed_with_a_new_one(tmp_path, finished_run):
     run = _copy(finished_run, tmp_path)
     # --save_total_limit 2 kept the newest two of three checkpoints.
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    before = _contents(run)
+    assert "model.safetensors" in before and "checkpoint-3/model.safetensors" in before
     again = script("barlow-pretrain", "--dataset_name", "ignored", "--output_dir", run, *TINY)
     assert again.returncode == USAGE and "holds an earlier run" in again.stderr
     assert "--overwrite_output_dir" in again.stderr and "--resume_from_checkpoint latest" in again.stderr
-    before = (run / "model.safetensors").read_bytes()
-    assert (run / "model.safetensors").read_bytes() == before and (run / "checkpoint-3").is_dir()  # untouched
+    assert _contents(run) == before  # untouched: every file as the finished run left it, none added
     (run / "notes.txt").write_text("mine")
     fresh = script("barlow-pretrain", "--output_dir", run, "--overwrite_output_dir", "--max_train_steps", 1, *TINY)
     assert fresh.returncode == OK, fresh.stderr[-3000:]
