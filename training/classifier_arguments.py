@@ -115,11 +115,19 @@ class EvaluationArguments:
         default=True, metadata={"help": "Reuse cached features (--no_cache_features recomputes and stores nothing)."}
     )
     seed: int = shared_field(PretrainingArguments, "seed")
+    seeds: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Repeat every probe once per seed (e.g. 0 1 2; default: --seed alone) and report each metric's "
+                          "mean, sample standard deviation and minimum over them (linear_top1_mean, _std, _min; "
+                          "linear_top1 is then the mean). The features and a --random_init model come from the first."},
+    )
     mixed_precision: str = shared_field(PretrainingArguments, "mixed_precision")
 
     def __post_init__(self):
         if not self.output_dir:
             raise ValueError("--output_dir is required.")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds must differ from each other, got {self.seeds}.")
         self.protocol = list(dict.fromkeys(self.protocol))  # in order, once each
         unknown = [p for p in self.protocol if p not in EVALUATION_PROTOCOLS]
         if unknown or not self.protocol:

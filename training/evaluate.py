@@ -4,7 +4,10 @@
     python -m training.evaluate --model_name_or_path out --output_dir eval   # digits, linear and kNN
 
 Writes eval_results.json (accuracies as fractions) into --output_dir and prints a table. Features
-are computed once per model, data and preprocessing, and cached on disk.
+are computed once per model, data and preprocessing, and cached on disk. `--seeds 0 1 2` repeats
+every probe per seed on the same features and reports each metric's mean, sample standard
+deviation and minimum (`linear_top1_mean`, `_std`, `_min`; `linear_top1` is the mean) with the
+per-seed values (`per_seed`).
 
 * linear: the backbone frozen in eval mode. `--linear_solver sgd` (default) is the paper's
   protocol on features computed once (SGD, momentum 0.9, lr 0.3, weight decay 1e-6, batch 256,
@@ -39,7 +42,7 @@ from .optim import create_scheduler
 from .classifier_training import classifier_optimizer, evaluate_classifier, fit_classifier
 from .labelled_data import check_label_range, class_balanced_subset, fraction_name, load_labelled_data
 from .model_source import load_model_source
-from .metrics import topk_accuracy
+from .metrics import summarise_seeds, topk_accuracy
 from .probes import cached_features, exact_linear_probe, fit_linear_head, linear_head, sgd_linear_probe
 
 
@@ -78,11 +81,12 @@ def evaluate(
     started = time.perf_counter()
     accelerator = create_accelerator(mixed_precision=eval_args.mixed_precision)
     device = accelerator.device
-    set_seed(eval_args.seed)
+    seeds = eval_args.seeds or [eval_args.seed]
+    set_seed(seeds[0])
     output_dir = Path(eval_args.output_dir)
 
     # Model and data.
-    model = load_model_source(model_args.model_name_or_path, model_args.random_init, eval_args.seed)
+    model = load_model_source(model_args.model_name_or_path, model_args.random_init, seeds[0])
     data = load_labelled_data(data_args, supervised_args)
     protocols = eval_args.protocol
     logger.info(
@@ -113,72 +117,55 @@ def evaluate(
         features[split], cache_hits[split] = (x, y), hit
         check_label_range(y, data.num_classes, split)
 
-    metrics: dict[str, float] = {}
-    settings: dict[str, dict] = {}
-    rows: list[tuple[str, dict, str]] = []
-
-    # Linear probe.
-    if "linear" in protocols:
-        eval_x, eval_y = features["eval"]
-        if eval_args.linear_augment:
-            scores = _augmented_linear_probe(
-                encoder(), model, data, data_args, supervised_args, eval_args, eval_x, device, accelerator
-            )
-            how = f"sgd on augmented images, {eval_args.linear_epochs} epochs"
-        elif eval_args.linear_solver == "sgd":
-            train_x, train_y = features["train"]
-            scores = sgd_linear_probe(
-                train_x, train_y, eval_x, data.num_classes, epochs=eval_args.linear_epochs,
-                batch_size=eval_args.per_device_train_batch_size, learning_rate=eval_args.linear_learning_rate,
-                weight_decay=eval_args.linear_weight_decay, seed=eval_args.seed, device=device,
-            )
-            how = f"sgd on cached features, {eval_args.linear_epochs} epochs, lr {eval_args.linear_learning_rate:g}"
-        else:
-            scores = exact_linear_probe(*features["train"], eval_x, data.num_classes)
-            how = "exact logistic regression (L-BFGS) on standardised features"
-        result = topk_accuracy(scores, eval_y)
-        _record(metrics, "linear", result)
-        rows.append(("linear", result, how))
-        settings["linear"] = {
-            "solver": eval_args.linear_solver, "augment": eval_args.linear_augment, "epochs": eval_args.linear_epochs,
-            "learning_rate": eval_args.linear_learning_rate, "weight_decay": eval_args.linear_weight_decay,
-            "batch_size": eval_args.per_device_train_batch_size,
-        }
-
-    # kNN.
+    # Every probe once per seed. kNN has no randomness given the features: computed once, it is
+    # the same in every seed's run. The linear probes and fine-tuning draw from their seed.
+    settings = _settings(eval_args, protocols, seeds)
+    knn = None
     if "knn" in protocols:
-        result = knn_topk_accuracy(
+        knn = knn_topk_accuracy(
             *features["train"], *features["eval"], num_classes=data.num_classes, k=eval_args.knn_k,
             temperature=eval_args.knn_temperature,
         )
-        _record(metrics, "knn", result)
-        rows.append(("knn", result, f"k={eval_args.knn_k}, T={eval_args.knn_temperature:g}, cosine"))
-        settings["knn"] = {"k": eval_args.knn_k, "temperature": eval_args.knn_temperature}
-
-    # Semi-supervised: fine-tune everything on a class-balanced fraction of the labels.
+    eval_loader = None
     if "semi" in protocols:
-        settings["semi"] = {
-            "epochs": eval_args.semi_epochs, "backbone_learning_rate": eval_args.semi_backbone_learning_rate,
-            "head_learning_rate": eval_args.semi_head_learning_rate, "weight_decay": eval_args.semi_weight_decay,
-            "batch_size": eval_args.per_device_train_batch_size, "seed": eval_args.seed, "labelled_examples": {},
-        }
-        train_labels = data.labels("train")
         eval_loader = data.loader(
             "eval", model.eval_transform(), model.num_channels, supervised_args.per_device_eval_batch_size,
             num_workers=data_args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
-            persistent_workers=True,  # one pass per label fraction
+            persistent_workers=True,  # one pass per label fraction and seed
         )
-        for fraction in eval_args.label_fraction:
-            indices = class_balanced_subset(train_labels, fraction, eval_args.seed)
-            result = _semi_supervised(model, data, data_args, supervised_args, eval_args, indices, eval_loader, accelerator)
-            name = f"semi_{fraction_name(fraction)}"
-            _record(metrics, name, result)
-            rows.append((name, result, f"{len(indices)} labelled images, {eval_args.semi_epochs} epochs"))
-            settings["semi"]["labelled_examples"][fraction_name(fraction)] = len(indices)
+    runs: list[dict[str, dict]] = []  # per seed: protocol name -> {"top1", "top5"}
+    how: dict[str, str] = {}
+    for seed in seeds:
+        run: dict[str, dict] = {}
+        if "linear" in protocols:
+            run["linear"], how["linear"] = _linear_probe(
+                seed, encoder, model, data, data_args, supervised_args, eval_args, features, device, accelerator
+            )
+        if knn is not None:
+            run["knn"], how["knn"] = knn, f"k={eval_args.knn_k}, T={eval_args.knn_temperature:g}, cosine"
+        if "semi" in protocols:
+            train_labels = data.labels("train")
+            for fraction in eval_args.label_fraction:
+                indices = class_balanced_subset(train_labels, fraction, seed)
+                name = f"semi_{fraction_name(fraction)}"
+                run[name] = _semi_supervised(
+                    seed, model, data, data_args, supervised_args, eval_args, indices, eval_loader, accelerator
+                )
+                how[name] = f"{len(indices)} labelled images, {eval_args.semi_epochs} epochs"
+                settings["semi"]["labelled_examples"][fraction_name(fraction)] = len(indices)
+        runs.append(run)
+    per_seed = [{f"{name}_{k}": v for name, result in run.items() for k, v in result.items()} for run in runs]
+    if len(seeds) == 1:
+        metrics, seed_record = per_seed[0], {}
+    else:
+        metrics = summarise_seeds(per_seed)
+        seed_record = {"seeds": seeds, "per_seed": {key: [run[key] for run in per_seed] for key in per_seed[0]}}
+    rows = [(name, _row_values(metrics, name, len(seeds)), how[name]) for name in runs[0]]
 
     # Metrics JSON and the table.
     results = {
         **metrics,
+        **seed_record,
         "model_name_or_path": model.name,
         "random_init": model.random_init,
         "dataset": data.identity["source"],
@@ -198,24 +185,71 @@ def evaluate(
     return results
 
 
-def _record(metrics: dict, name: str, result: dict) -> None:
-    for key, value in result.items():
-        metrics[f"{name}_{key}"] = value
+def _settings(eval_args: EvaluationArguments, protocols: list[str], seeds: list[int]) -> dict[str, dict]:
+    """The settings of each protocol, as recorded in eval_results.json."""
+    settings: dict[str, dict] = {}
+    if "linear" in protocols:
+        settings["linear"] = {
+            "solver": eval_args.linear_solver, "augment": eval_args.linear_augment, "epochs": eval_args.linear_epochs,
+            "learning_rate": eval_args.linear_learning_rate, "weight_decay": eval_args.linear_weight_decay,
+            "batch_size": eval_args.per_device_train_batch_size,
+        }
+    if "knn" in protocols:
+        settings["knn"] = {"k": eval_args.knn_k, "temperature": eval_args.knn_temperature}
+    if "semi" in protocols:
+        settings["semi"] = {
+            "epochs": eval_args.semi_epochs, "backbone_learning_rate": eval_args.semi_backbone_learning_rate,
+            "head_learning_rate": eval_args.semi_head_learning_rate, "weight_decay": eval_args.semi_weight_decay,
+            "batch_size": eval_args.per_device_train_batch_size,
+            **({"seed": seeds[0]} if len(seeds) == 1 else {"seeds": seeds}), "labelled_examples": {},
+        }
+    return settings
+
+
+def _linear_probe(
+    seed, encoder, model, data, data_args, supervised_args, eval_args, features, device, accelerator
+) -> tuple[dict, str]:
+    """The linear protocol chosen by ``eval_args`` with ``seed``: (accuracies, how it was fitted)."""
+    eval_x, eval_y = features["eval"]
+    if eval_args.linear_augment:  # new crops every epoch: the encoder runs again for each seed
+        scores = _augmented_linear_probe(
+            seed, encoder(), model, data, data_args, supervised_args, eval_args, eval_x, device, accelerator
+        )
+        how = f"sgd on augmented images, {eval_args.linear_epochs} epochs"
+    elif eval_args.linear_solver == "sgd":
+        train_x, train_y = features["train"]
+        scores = sgd_linear_probe(
+            train_x, train_y, eval_x, data.num_classes, epochs=eval_args.linear_epochs,
+            batch_size=eval_args.per_device_train_batch_size, learning_rate=eval_args.linear_learning_rate,
+            weight_decay=eval_args.linear_weight_decay, seed=seed, device=device,
+        )
+        how = f"sgd on cached features, {eval_args.linear_epochs} epochs, lr {eval_args.linear_learning_rate:g}"
+    else:  # a deterministic fit: every seed gives the same result
+        scores = exact_linear_probe(*features["train"], eval_x, data.num_classes)
+        how = "exact logistic regression (L-BFGS) on standardised features"
+    return topk_accuracy(scores, eval_y), how
+
+
+def _row_values(metrics: dict[str, float], name: str, num_seeds: int) -> dict[str, float]:
+    """One table row's numbers: {"top1", "top5"}, and with several seeds their "_std" and "_min" too."""
+    suffixes = ("", "_std", "_min") if num_seeds > 1 else ("",)
+    return {f"{k}{suffix}": metrics[f"{name}_{k}{suffix}"] for k in ("top1", "top5") if f"{name}_{k}" in metrics
+            for suffix in suffixes}
 
 
 def _augmented_linear_probe(
-    encoder, model, data, data_args, supervised_args, eval_args, eval_features, device, accelerator
+    seed, encoder, model, data, data_args, supervised_args, eval_args, eval_features, device, accelerator
 ) -> torch.Tensor:
     """The paper's full linear protocol: every epoch, new random resized crops and flips of the
     training images go through the frozen encoder (eval mode) into the head."""
-    generator = torch.Generator().manual_seed(eval_args.seed)
+    generator = torch.Generator().manual_seed(seed)
     head = linear_head(eval_features.shape[1], data.num_classes, generator).to(device)
     transform = model.train_transform(supervised_args.min_crop_scale)
     batch_size = eval_args.per_device_train_batch_size
     steps_per_epoch = math.ceil(data.num_examples("train") / batch_size)
 
     make_loader = data.epoch_loaders(
-        "train", transform, model.num_channels, batch_size, seed=eval_args.seed,
+        "train", transform, model.num_channels, batch_size, seed=seed,
         shuffle_buffer_size=data_args.shuffle_buffer_size, num_workers=data_args.dataloader_num_workers,
         pin_memory=device.type == "cuda",
     )
@@ -233,8 +267,8 @@ def _augmented_linear_probe(
         return head(eval_features.to(device)).cpu()
 
 
-def _semi_supervised(model, data, data_args, supervised_args, eval_args, indices, eval_loader, accelerator) -> dict:
-    set_seed(eval_args.seed)
+def _semi_supervised(seed, model, data, data_args, supervised_args, eval_args, indices, eval_loader, accelerator) -> dict:
+    set_seed(seed)
     classifier, head = model.classifier(data.label_names)
     optimizer = classifier_optimizer(
         classifier, head, "sgd", eval_args.semi_backbone_learning_rate, eval_args.semi_head_learning_rate,
@@ -247,7 +281,7 @@ def _semi_supervised(model, data, data_args, supervised_args, eval_args, indices
     transform = model.train_transform(supervised_args.min_crop_scale)
 
     make_loader = data.epoch_loaders(
-        "train", transform, model.num_channels, batch_size, seed=eval_args.seed,
+        "train", transform, model.num_channels, batch_size, seed=seed,
         shuffle_buffer_size=data_args.shuffle_buffer_size, num_workers=data_args.dataloader_num_workers,
         indices=indices, pin_memory=accelerator.device.type == "cuda",
     )
@@ -258,15 +292,26 @@ def _semi_supervised(model, data, data_args, supervised_args, eval_args, indices
 
 
 def format_table(rows: list[tuple[str, dict, str]], results: dict) -> str:
-    """The metrics as a plain-text table (accuracies in percent)."""
+    """The metrics as a plain-text table (accuracies in percent); over several seeds, each is
+    their mean ± sample standard deviation, and the minimum."""
+    seeds = results.get("seeds")
     lines = [
         f"{results['model_name_or_path']}{' (random init)' if results['random_init'] else ''} on {results['dataset']}: "
-        f"{results['num_classes']} classes, {results['train_split']} -> {results['eval_split']}",
-        f"{'protocol':<16} {'top-1':>7} {'top-5':>7}  settings",
+        f"{results['num_classes']} classes, {results['train_split']} -> {results['eval_split']}"
+        + (f", seeds {' '.join(map(str, seeds))} (mean ± std, min)" if seeds else ""),
     ]
+    width = 22 if seeds else 7
+
+    def cell(result: dict, k: str) -> str:
+        if k not in result:
+            return f"{'-':>{width}}"
+        if not seeds:
+            return f"{100 * result[k]:6.2f}%"
+        return f"{100 * result[k]:5.2f} ± {100 * result[k + '_std']:4.2f} ({100 * result[k + '_min']:5.2f})"
+
+    lines.append(f"{'protocol':<16} {'top-1':>{width}} {'top-5':>{width}}  settings")
     for name, result, how in rows:
-        top5 = f"{100 * result['top5']:6.2f}%" if "top5" in result else f"{'-':>7}"
-        lines.append(f"{name:<16} {100 * result['top1']:6.2f}% {top5}  {how}")
+        lines.append(f"{name:<16} {cell(result, 'top1'):>{width}} {cell(result, 'top5'):>{width}}  {how}")
     return "\n".join(lines)
 
 

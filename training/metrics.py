@@ -1,10 +1,11 @@
-"""Classification accuracy, top-1 and top-5, for every protocol (linear probes, kNN, fine-tuning)."""
+"""Classification accuracy, top-1 and top-5, for every protocol (linear probes, kNN, fine-tuning), and
+its summary over seeds."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["accuracy_from_counts", "topk_accuracy", "topk_correct"]
+__all__ = ["accuracy_from_counts", "summarise_seeds", "topk_accuracy", "topk_correct"]
 
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -31,3 +32,20 @@ def accuracy_from_counts(counts: torch.Tensor, num_classes: int) -> dict[str, fl
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Top-1 (and top-5 with at least 5 classes) accuracy of class scores (N, C) against labels (N,)."""
     return accuracy_from_counts(topk_correct(scores, labels), scores.shape[1])
+
+
+def summarise_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
+    """The same metrics measured once per seed, summarised: for each key ``k`` (e.g. ``linear_top1``),
+    ``k_mean``, ``k_std`` (the sample standard deviation, ddof=1: an error bar from few seeds) and
+    ``k_min``, and ``k`` itself as the mean, so that readers of a single run's keys read the mean."""
+    import statistics
+
+    summary: dict[str, float] = {}
+    for key in per_seed[0]:
+        values = [run[key] for run in per_seed]
+        mean = statistics.fmean(values)
+        summary[key] = mean
+        summary[f"{key}_mean"] = mean
+        summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary[f"{key}_min"] = min(values)
+    return summary

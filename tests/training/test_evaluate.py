@@ -19,7 +19,7 @@ from transformers import AutoImageProcessor, pipeline
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsModel, create_image_processor
 from training.data import load_image_dataset
-from tests.cli import returning
+from tests.cli import returning, script
 from training.evaluate import main as evaluate_main
 from training.features import knn_topk_accuracy
 from training.finetune import main as finetune_main
@@ -152,6 +152,46 @@ def test_linear_protocol_with_training_augmentations(tmp_path, pretrained):
     assert results["settings"]["linear"]["augment"] is True
     assert results["linear_top1"] > 0.3  # chance 0.1; measured 0.54 (0.46 with --min_crop_scale 0.5)
 
+
+
+def test_seeds_repeat_every_probe_and_report_mean_std_min(tmp_path, random_encoder):
+    """barlow-eval --seeds as users run it: aggregates equal numpy's over the per-seed values, seeds
+    change the runs where randomness enters, and one seed's run is the plain single-seed run."""
+    common = ["--model_name_or_path", random_encoder, "--max_train_samples", "200", "--max_eval_samples", "60",
+              "--linear_epochs", "3", "--per_device_train_batch_size", "32", "--semi_epochs", "1",
+              "--label_fraction", "0.1", "--feature_cache_dir", tmp_path / "cache"]
+    many = script("barlow-eval", *common, "--output_dir", tmp_path / "seeds", "--protocol", "linear", "knn", "semi",
+                  "--seeds", "0", "1", "2")
+    assert many.returncode == 0, many.stderr
+    results = json.loads((tmp_path / "seeds" / "eval_results.json").read_text())
+    assert results["seeds"] == [0, 1, 2] and results["feature_cache_hits"] == {"train": False, "eval": False}
+    per_seed = results["per_seed"]
+    names = [f"{p}_{k}" for p in ("linear", "knn", "semi_10pct") for k in ("top1", "top5")]
+    assert sorted(per_seed) == sorted(names)
+    table = many.stdout
+    for name in names:
+        values = np.array(per_seed[name])
+        assert values.shape == (3,)
+        assert results[f"{name}_mean"] == pytest.approx(values.mean(), abs=1e-12)
+        assert results[f"{name}_std"] == pytest.approx(values.std(ddof=1), abs=1e-12)
+        assert results[f"{name}_min"] == values.min()
+        assert results[name] == results[f"{name}_mean"]  # the plain key reads the mean
+    for protocol in ("linear", "knn", "semi_10pct"):
+        top1 = np.array(per_seed[f"{protocol}_top1"])
+        row = next(line for line in table.splitlines() if line.startswith(protocol + " "))
+        assert f"{100 * top1.mean():5.2f} ± {100 * top1.std(ddof=1):4.2f} ({100 * top1.min():5.2f})" in row, row
+    # The SGD probe and fine-tuning draw from their seed; kNN on fixed features has no randomness.
+    assert len(set(per_seed["linear_top1"])) > 1 and len(set(per_seed["semi_10pct_top1"])) > 1
+    assert len(set(per_seed["knn_top1"])) == 1
+
+    # Seed 1's run is the single-seed run with --seed 1, which keeps the plain keys only.
+    one = script("barlow-eval", *common, "--output_dir", tmp_path / "one", "--protocol", "linear", "knn", "semi",
+                 "--seed", "1")
+    assert one.returncode == 0, one.stderr
+    single = json.loads((tmp_path / "one" / "eval_results.json").read_text())
+    assert single["feature_cache_hits"] == {"train": True, "eval": True}  # the same features
+    assert {name: single[name] for name in names} == {name: per_seed[name][1] for name in names}
+    assert not any(key.endswith(("_mean", "_std", "_min")) for key in single) and "per_seed" not in single
 
 def test_features_are_cached_by_model_data_and_split(tmp_path, random_encoder, monkeypatch):
     cache = tmp_path / "cache"
