@@ -45,6 +45,8 @@ EVAL_PROTOCOLS = {
     "finetune": "Fine-tuned on all labels",
 }
 _METRIC = re.compile(r"^(?P<protocol>.+)_(?P<k>top1|top5)$")
+# barlow-eval --seeds adds `<metric>_mean`, `_std` and `_min` over seeds (and `<metric>` is the mean).
+_SUMMARY = re.compile(r"^(?P<metric>.+_(?:top1|top5))_(?P<stat>mean|std|min)$")
 # Keys of a metrics file that name the evaluation data rather than hold a result.
 _DATASET_KEYS = ("dataset_name", "dataset", "eval_dataset")
 
@@ -109,7 +111,7 @@ def read_eval_metrics(path: str | Path) -> dict[str, Any]:
 
 def _check_metric_values(metrics: dict[str, Any], source: str) -> None:
     for key, value in metrics.items():
-        if not _METRIC.match(key):
+        if not (_METRIC.match(key) or _SUMMARY.match(key)):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{source}: {key} must be a number, got {value!r}.")
@@ -169,8 +171,26 @@ def _eval_rows(metrics: dict[str, Any], dataset_name: str | None) -> list[dict[s
         if match:
             empty = {"protocol": _protocol_label(match["protocol"]), "dataset": dataset, "top1": "-", "top5": "-"}
             row = rows.setdefault(match["protocol"], empty)
-            row[match["k"]] = f"{100 * float(value):.1f}"
+            row[match["k"]] = _percent_cell(metrics, key)
     return list(rows.values())
+
+
+def _percent_cell(metrics: dict[str, Any], key: str) -> str:
+    """A metric in percent; over seeds, mean ± sample standard deviation (minimum)."""
+    if f"{key}_std" not in metrics:
+        return f"{100 * float(metrics[key]):.1f}"
+    mean, std = metrics.get(f"{key}_mean", metrics[key]), metrics[f"{key}_std"]
+    cell = f"{100 * float(mean):.1f} ± {100 * float(std):.1f}"
+    return cell + (f" (min {100 * float(metrics[f'{key}_min']):.1f})" if f"{key}_min" in metrics else "")
+
+
+def _eval_intro(metrics: dict[str, Any]) -> str:
+    intro = "Accuracy of classifiers on the frozen or fine-tuned features (`barlow-eval`)"
+    seeds = metrics.get("seeds")
+    if isinstance(seeds, list) and len(seeds) > 1 and any(_SUMMARY.match(key) for key in metrics):
+        intro += (f", mean ± sample standard deviation over {len(seeds)} evaluation seeds "
+                  f"({', '.join(map(str, seeds))}), their minimum in brackets")
+    return intro + ":"
 
 
 def read_training_args(model_dir: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -358,7 +378,7 @@ def create_model_card(
         notes=notes or [],
         training_source=training_source,
         training_rows=_training_rows(training_args, run_metrics),
-        eval_intro="Accuracy of classifiers on the frozen or fine-tuned features (`barlow-eval`):",
+        eval_intro=_eval_intro(eval_metrics or {}),
         eval_rows=_eval_rows(eval_metrics, hub_dataset) if eval_metrics else [],
         encoder_format=encoder_format,
         timm_reason=timm_incompatibility(config) or "timm rebuilds a different network from its config",

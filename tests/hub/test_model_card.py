@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -130,6 +131,35 @@ def test_eval_metrics_are_read_tolerantly_and_checked(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_eval_metrics(tmp_path / "missing.json")
 
+
+def test_card_shows_mean_std_and_min_over_seeds(tmp_path):
+    """An eval_results.json of `barlow-eval --seeds 0 1 2` (its keys; values chosen here): the card's
+    table shows mean ± std (min) as numpy computes them, and the model-index holds the mean."""
+    per_seed = {"linear_top1": [0.812, 0.797, 0.805], "linear_top5": [0.991, 0.988, 0.990], "knn_top1": [0.74] * 3}
+    metrics = {"seeds": [0, 1, 2], "per_seed": per_seed, "dataset_name": "barlow-test/pets-eval"}
+    for key, values in per_seed.items():
+        values = np.array(values)
+        metrics |= {key: values.mean(), f"{key}_mean": values.mean(), f"{key}_std": values.std(ddof=1),
+                    f"{key}_min": values.min()}
+    training_output(tmp_path / "run")
+    (tmp_path / "eval.json").write_text(json.dumps(metrics))
+    publish(tmp_path / "run", repo_id="me/barlow-tiny", local_dir=tmp_path / "repo", eval_results=tmp_path / "eval.json")
+    metadata, body = front_matter(tmp_path / "repo" / "README.md")
+
+    def cell(key: str) -> str:
+        values = 100 * np.array(per_seed[key])
+        return f"{values.mean():.1f} ± {values.std(ddof=1):.1f} (min {values.min():.1f})"
+
+    assert f"| Linear probe | barlow-test/pets-eval | {cell('linear_top1')} | {cell('linear_top5')} |" in body
+    assert f"| kNN | barlow-test/pets-eval | {cell('knn_top1')} | - |" in body
+    assert "over 3 evaluation seeds (0, 1, 2)" in body
+    (entry,) = metadata["model-index"]
+    values = {m["name"]: m["value"] for result in entry["results"] for m in result["metrics"]}
+    assert values["Linear probe top-1 accuracy"] == pytest.approx(np.mean(per_seed["linear_top1"]))
+    assert len(values) == 3  # the summaries are not results of their own
+    (tmp_path / "percent.json").write_text(json.dumps({**metrics, "linear_top1_mean": 80.5}))
+    with pytest.raises(ValueError, match="linear_top1_mean = 80.5 is not a fraction"):
+        read_eval_metrics(tmp_path / "percent.json")
 
 CHILD_SNIPPETS = """
 import runpy
