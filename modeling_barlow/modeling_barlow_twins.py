@@ -29,7 +29,14 @@ from transformers.utils import can_return_tuple
 from .classification_loss import image_classification_loss
 from .configuration_barlow_twins import BarlowTwinsConfig
 from .loss import barlow_twins_loss
-from .timm_network import create_timm_network, forward_stages, initialise_missing_like_timm, stage_feature_maps
+from .timm_network import (
+    create_timm_network,
+    forward_stages,
+    initialise_missing_like_timm,
+    mark_drawn_by_timm,
+    stage_feature_maps,
+    was_drawn_by_timm_just_now,
+)
 
 
 __all__ = [
@@ -134,27 +141,30 @@ class BarlowTwinsPreTrainedModel(PreTrainedModel):
     # A pretraining folder also holds the projector, which the encoder and classifier don't use.
     _keys_to_ignore_on_load_unexpected = [r"projector\."]
 
-    def _initialize_weights(self, module: nn.Module, *args, **kwargs) -> None:
-        if isinstance(self, BarlowTwinsModel) and module is self.backbone:
-            # The timm network as a whole (transformers skips, for remote code, modules without
-            # parameters of their own, such as the network's root): transformers' generic init
-            # would overwrite timm's (e.g. ResNet's fan-out convs and zeroed last BatchNorms), so
-            # what a checkpoint lacked, or a network built on the meta device, gets timm's own
-            # values. A network built here by timm is marked initialised in __init__.
-            if not getattr(module, "_is_hf_initialized", False):
-                with torch.no_grad():
-                    initialise_missing_like_timm(module, self.config)
-                module._is_hf_initialized = True
-            return
-        super()._initialize_weights(module, *args, **kwargs)
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers' shortcut for remote code marks a module initialised when every tensor of its
+        # own is loaded, so it skipped modules that hold none of their own: the projector and the timm
+        # network's root, whose init here covers their children (BatchNorm buffers, timm's convs,
+        # ...). It exists for remote code that writes tensors directly; every write below goes
+        # through transformers.initialization or initialise_missing_like_timm, which leave what a
+        # checkpoint loaded (`_is_hf_initialized`) alone, so it is not needed.
+        super()._initialize_weights(module, is_custom_code=False)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, BarlowTwinsProjector):
+        if isinstance(self, BarlowTwinsModel) and module is self.backbone:
+            # The timm network as a whole, the way timm initialises it (fan-out convs, zeroed last
+            # BatchNorms, ViT's truncated normals, ...); transformers' generic init would differ.
+            # A network timm has just built in __init__ keeps its values unless the random state was
+            # reseeded since: then it is drawn again, so that a model built here and one built on the
+            # meta device and initialised afterwards get the same values from the same state.
+            if not was_drawn_by_timm_just_now(module):
+                initialise_missing_like_timm(module, self.config)
+        elif isinstance(module, BarlowTwinsProjector):
             for layer in module:
                 if isinstance(layer, nn.Linear):  # nn.Linear's default, which the release uses
                     init.kaiming_uniform_(layer.weight, a=5**0.5)
-                elif isinstance(layer, nn.BatchNorm1d):
+                elif isinstance(layer, nn.BatchNorm1d):  # BatchNorm's reset_parameters and reset_running_stats
                     init.ones_(layer.weight)
                     init.zeros_(layer.bias)
                     init.zeros_(layer.running_mean)
@@ -197,9 +207,7 @@ class BarlowTwinsModel(BarlowTwinsPreTrainedModel):
         super().__init__(config)
         self.backbone = create_timm_network(config)
         self.gradient_checkpointing = False
-        if not any(p.is_meta for p in self.backbone.parameters()):
-            # timm has just initialised it; transformers' init pass must not redo it (see _initialize_weights).
-            self.backbone._is_hf_initialized = True
+        mark_drawn_by_timm(self.backbone)  # see _init_weights
         self.post_init()
 
     @property

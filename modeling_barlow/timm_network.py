@@ -15,7 +15,14 @@ from torch import nn
 from .configuration_barlow_twins import BarlowTwinsConfig
 
 
-__all__ = ["create_timm_network", "forward_stages", "initialise_missing_like_timm", "stage_feature_maps"]
+__all__ = [
+    "create_timm_network",
+    "forward_stages",
+    "initialise_missing_like_timm",
+    "mark_drawn_by_timm",
+    "stage_feature_maps",
+    "was_drawn_by_timm_just_now",
+]
 
 
 def create_timm_network(config: BarlowTwinsConfig) -> nn.Module:
@@ -39,6 +46,33 @@ def _use_small_image_stem(network: nn.Module, name: str) -> None:
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # timm ResNet's conv init
     network.conv1 = conv
     network.maxpool = nn.Identity()
+
+
+def _random_state(device: torch.device) -> list[torch.Tensor]:
+    # The generators timm's init draws from on `device`: the CPU's, and the accelerator's own.
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def mark_drawn_by_timm(network: nn.Module) -> None:
+    """Record, on a network timm has just built and initialised, the random state its init left."""
+    first = next(chain(network.parameters(), network.buffers()), None)
+    if first is not None and not first.is_meta:
+        network.__dict__["_random_state_after_timm"] = _random_state(first.device)
+
+
+def was_drawn_by_timm_just_now(network: nn.Module) -> bool:
+    """Whether `network` holds timm's init drawn from the random state that the same stream would
+    give it now: marked by `mark_drawn_by_timm`, and nothing has drawn or reseeded since. Then
+    initialising it again would only change the stream. Reading clears the mark."""
+    state = network.__dict__.pop("_random_state_after_timm", None)
+    if state is None:
+        return False
+    first = next(chain(network.parameters(), network.buffers()))
+    now = _random_state(first.device)
+    return len(now) == len(state) and all(torch.equal(a, b) for a, b in zip(state, now))
 
 
 @torch.no_grad()
