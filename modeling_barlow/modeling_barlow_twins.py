@@ -37,6 +37,7 @@ from .timm_network import (
     stage_feature_maps,
     was_drawn_by_timm_just_now,
 )
+from .view_batchnorm import enable_views_in_batch, views_in_batch
 
 
 __all__ = [
@@ -266,6 +267,8 @@ class BarlowTwinsForPreTraining(BarlowTwinsPreTrainedModel):
         super().__init__(config)
         self.barlow_twins = BarlowTwinsModel(config)
         self.projector = BarlowTwinsProjector(self.barlow_twins.num_features, config.projector_dims)
+        # Both views in one forward, each with its own BatchNorm statistics (see forward).
+        enable_views_in_batch(self)
         self.post_init()
 
     @can_return_tuple
@@ -282,15 +285,38 @@ class BarlowTwinsForPreTraining(BarlowTwinsPreTrainedModel):
                 the first view.
             pixel_values_2 (`torch.FloatTensor` of the same shape, *optional*): the second view.
                 Without it only the projections of the first view are returned, and no loss.
+
+        Two views of the same shape pass the encoder and the projector once, stacked along the batch
+        (2B, C, H, W), with every BatchNorm normalising each view by that view's own statistics and
+        updating its running statistics once per view, in order (`views_in_batch`): the result, the
+        gradients and the running statistics are those of one forward per view, as in the authors'
+        release (a plain concatenation would mix the views' statistics), at the speed of one forward.
+        Under several processes each `GlobalBatchNorm` carries both views' statistics in one
+        collective. Dropout and drop-path (off by default) then draw one mask for the stacked batch,
+        not one per view. Views of different shapes, and gradient checkpointing (timm recomputes its
+        blocks in the backward, outside this forward), take one forward per view.
         """
-        # Each view passes the network on its own, so BatchNorm statistics are per view, as in
-        # the authors' release (concatenating the views would mix their statistics).
-        encoded = self.barlow_twins(pixel_values, output_hidden_states=output_hidden_states)
-        pooled = encoded.pooler_output
-        projections = self.projector(pooled)
         projections_2 = loss = None
-        if pixel_values_2 is not None:
+        if pixel_values_2 is None:
+            encoded = self.barlow_twins(pixel_values, output_hidden_states=output_hidden_states)
+            pooled = encoded.pooler_output
+            projections = self.projector(pooled)
+            hidden_states = encoded.hidden_states
+        elif pixel_values_2.shape == pixel_values.shape and not self.barlow_twins.gradient_checkpointing:
+            batch_size = pixel_values.shape[0]
+            with views_in_batch(self, num_views=2):
+                encoded = self.barlow_twins(
+                    torch.cat([pixel_values, pixel_values_2]), output_hidden_states=output_hidden_states
+                )
+                projections, projections_2 = self.projector(encoded.pooler_output).unflatten(0, (2, -1)).unbind()
+            pooled = encoded.pooler_output[:batch_size]
+            hidden_states = None if encoded.hidden_states is None else tuple(h[:batch_size] for h in encoded.hidden_states)
+        else:
+            encoded = self.barlow_twins(pixel_values, output_hidden_states=output_hidden_states)
+            pooled, hidden_states = encoded.pooler_output, encoded.hidden_states
+            projections = self.projector(pooled)
             projections_2 = self.projector(self.barlow_twins(pixel_values_2).pooler_output)
+        if projections_2 is not None:
             loss = barlow_twins_loss(
                 projections, projections_2, self.config.off_diagonal_weight, self.config.loss_scale
             )
@@ -302,7 +328,7 @@ class BarlowTwinsForPreTraining(BarlowTwinsPreTrainedModel):
             projections=projections,
             projections_2=projections_2,
             pooler_output=pooled,
-            hidden_states=encoded.hidden_states,
+            hidden_states=hidden_states,
         )
 
 
