@@ -3,6 +3,7 @@ checked against independent computations; pretrained beats random; the feature c
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -82,8 +83,25 @@ def _independent_features(folder: Path, images: list[Image.Image]) -> torch.Tens
     return encoder(**processor([im.convert("RGB") for im in images], return_tensors="pt")).pooler_output
 
 
-def test_whole_evaluation_path_on_digits(tmp_path, pretrained):
+def test_whole_evaluation_path_on_digits(tmp_path, pretrained, monkeypatch):
     n_train, n_eval = 400, 120
+    # What the probes computed, kept to be scored here: the SGD probe's scores on the test images, and
+    # each semi-supervised fine-tuned network (1%, then 10%).
+    import training.evaluate as evaluate_module
+
+    probe_scores, fine_tuned = [], []
+
+    def keeping_scores(*args, **kwargs):
+        probe_scores.append(real_probe(*args, **kwargs))
+        return probe_scores[-1]
+
+    def keeping_network(classifier, *args, **kwargs):
+        fine_tuned.append(copy.deepcopy(classifier).eval())
+        return real_evaluation(classifier, *args, **kwargs)
+
+    real_probe, real_evaluation = evaluate_module.sgd_linear_probe, evaluate_module.evaluate_classifier
+    monkeypatch.setattr(evaluate_module, "sgd_linear_probe", keeping_scores)
+    monkeypatch.setattr(evaluate_module, "evaluate_classifier", keeping_network)
     common = ["--model_name_or_path", str(pretrained), "--max_train_samples", str(n_train), "--max_eval_samples",
               str(n_eval), "--feature_cache_dir", str(tmp_path / "cache"), "--seed", "0"]
     results = evaluate([
@@ -91,7 +109,6 @@ def test_whole_evaluation_path_on_digits(tmp_path, pretrained):
         "--per_device_train_batch_size", "64", "--semi_epochs", "2", "--label_fraction", "0.01", "0.1",
         "--min_crop_scale", "0.5",
     ])
-    assert json.loads((tmp_path / "eval" / "eval_results.json").read_text()) == results
     for name in ("linear", "knn", "semi_1pct", "semi_10pct"):
         assert 0 <= results[f"{name}_top1"] <= results[f"{name}_top5"] <= 1, name
     assert results["num_train_examples"] == n_train and results["num_eval_examples"] == n_eval
@@ -109,6 +126,26 @@ def test_whole_evaluation_path_on_digits(tmp_path, pretrained):
     one = 1 / n_eval + 1e-9  # batching may move a float by an ulp: at most one near-tie may flip
     assert results["knn_top1"] == pytest.approx(expected["top1"], abs=one)
     assert results["knn_top5"] == pytest.approx(expected["top5"], abs=one)
+
+    # The SGD probe's and the semi-supervised networks' accuracies, scored here on the test labels (the
+    # networks on the saved processor's pixels); fine-tuning trained the whole network.
+    def top_k(logits: torch.Tensor, k: int) -> float:
+        return float(np.mean([y in row for row, y in zip(logits.topk(k, dim=1).indices.tolist(), test_labels)]))
+
+    (scores,) = probe_scores
+    assert results["linear_top1"] == pytest.approx(top_k(scores, 1), abs=1e-12)
+    assert results["linear_top5"] == pytest.approx(top_k(scores, 5), abs=1e-12)
+    assert len(fine_tuned) == 2
+    pixels = AutoImageProcessor.from_pretrained(pretrained)([im.convert("RGB") for im in test_images],
+                                                             return_tensors="pt")["pixel_values"]
+    start = BarlowTwinsModel.from_pretrained(pretrained).state_dict()
+    for name, network in zip(("semi_1pct", "semi_10pct"), fine_tuned):
+        with torch.no_grad():
+            logits = network(pixel_values=pixels).logits
+        assert results[f"{name}_top1"] == pytest.approx(top_k(logits, 1), abs=one), name
+        assert results[f"{name}_top5"] == pytest.approx(top_k(logits, 5), abs=one), name
+        tuned = network.barlow_twins.state_dict()
+        assert not torch.equal(tuned["backbone.conv1.weight"], start["backbone.conv1.weight"]), name
 
     # The exact solver, from the cached features, against scikit-learn's logistic regression fitted here.
     exact = evaluate([*common, "--output_dir", str(tmp_path / "exact"), "--protocol", "linear", "--linear_solver", "lbfgs"])
