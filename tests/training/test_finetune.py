@@ -62,12 +62,17 @@ def test_finetune_saves_a_pipeline_ready_classifier_with_class_names(tmp_path, e
         "--num_train_epochs", "5", "--per_device_train_batch_size", "16", "--min_crop_scale", "1.0",
         "--learning_rate", "0.05", "--logging_steps", "1",
     ])
-    # Evaluated at every epoch end; 45 images in batches of 16 make 3 steps per epoch.
+    # Evaluated at every epoch end; 42 training images in batches of 16 make 3 steps per epoch.
     assert [(h["epoch"], h["step"]) for h in metrics["history"]] == [(e, 3 * e) for e in range(1, 6)]
     assert "eval_top5" not in metrics  # 3 classes
-    assert json.loads((out / "metrics.json").read_text()) == metrics
     history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "lr_head" in h] == list(range(1, 16))
+    # The totals, against what the test counts and the per-step losses logged (--logging_steps 1).
+    train_files = list((named_imagefolder / "train").glob("*/*.png"))
+    assert (metrics["num_train_examples"], metrics["skipped_images"]) == (len(train_files), 0)
+    assert (metrics["epochs"], metrics["global_step"], metrics["eval_split"]) == (5, 15, "test")
+    last_epoch = [h["train_loss"] for h in history if "lr_head" in h and h["step"] > 12]
+    assert metrics["train_loss"] == pytest.approx(np.mean(last_epoch), rel=1e-6)
     assert all(h["lr_head"] == pytest.approx(10 * h["lr_backbone"]) for h in history if "lr_head" in h)
 
     model = AutoModelForImageClassification.from_pretrained(out)
