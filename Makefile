@@ -4,11 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean compat
 
 setup: $(STAMP)
 
-# torch and torchvision are pinned by constraints.txt (they come from this machine's local disk).
+# constraints.txt pins every dependency to the tested set (torch and torchvision come from this
+# machine's local disk).
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
@@ -17,17 +18,33 @@ $(STAMP): setup.py constraints.txt
 
 # The web demo's test drives Debian's chromium (nothing downloaded); installed when running as root.
 TEST_STAMP := $(VENV)/.installed-test
+# transformers' common model tests ship in its sdist, not its wheel: that of the installed version is
+# fetched through pip into $(VENV)/transformers-tests/<version> (tests/modeling/test_transformers_common.py).
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,index,demo]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,index,demo,tracking,bench]"
+	$(PY) tests/fetch_transformers_tests.py
 	if [ "$$(id -u)" = 0 ] && ! command -v chromedriver >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
 	touch $(TEST_STAMP)
 
 test: $(TEST_STAMP)
+	$(PY) tests/fetch_transformers_tests.py >/dev/null  # nothing to do unless transformers changed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# Drift check: the newest release of every dependency within setup.py's ranges (only torch and
+# torchvision held, from local disk; no constraints.txt) in a separate venv, the whole suite with
+# transformers' common tests of that version, and benchmarks/results/compat.json from its junit xml.
+COMPAT := .venv-compat
+compat:
+	rm -rf $(COMPAT) && $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(COMPAT)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,index,demo,tracking,bench]"
+	$(COMPAT)/bin/python tests/fetch_transformers_tests.py
+	-HF_HUB_OFFLINE=1 $(COMPAT)/bin/python -m pytest -q -p no:cacheprovider --junitxml=$(COMPAT)/junit.xml
+	$(COMPAT)/bin/python benchmarks/compat.py --junit $(COMPAT)/junit.xml --output benchmarks/results/compat.json
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py --output_dir demo_output
 
 clean:
-	rm -rf demo_output .pytest_cache
+	rm -rf demo_output .pytest_cache $(COMPAT)

@@ -16,33 +16,37 @@ setup(
     packages=find_packages(include=["modeling_barlow", "modeling_barlow.*", "training", "training.*", "hub", "hub.*", "barlow_cli"]),
     # The model card template that barlow-publish renders ships inside the package.
     package_data={"hub": ["model_card.md"]},
+    # Ranges up to the next major release of each; constraints.txt pins the set `make test` passed with.
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
-        "transformers>=5.0",
-        "timm>=1.0",
-        "accelerate>=1.0",
-        "datasets>=3.0",
-        "huggingface_hub>=1.0",
-        "safetensors>=0.4",
-        "scikit-learn>=1.3",
-        "pyyaml>=6.0",
-        "tqdm>=4.60",
-        "matplotlib>=3.7",
-        "jinja2>=3.0",
+        "torch>=2.4,<3",
+        "torchvision>=0.19,<1",
+        # 5.25: _init_weights covers every tensor, activation_checkpointing_enable (see README).
+        "transformers>=5.25,<6",
+        "timm>=1.0,<2",
+        "accelerate>=1.0,<2",
+        "datasets>=3.0,<6",
+        "huggingface_hub>=1.0,<3",
+        "safetensors>=0.4,<1",
+        "scikit-learn>=1.3,<2",
+        "pyyaml>=6.0,<7",
+        "tqdm>=4.60,<5",
+        "matplotlib>=3.7,<4",
+        "jinja2>=3.0,<4",
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "torchmetrics>=1.4", "pycocotools>=2.0.7"],
+        # parameterized: transformers' common model tests (from its sdist, see tests/fetch_transformers_tests.py) import it.
+        "dev": ["pytest>=8.0,<10", "torchmetrics>=1.4,<2", "pycocotools>=2.0.7,<3", "parameterized>=0.9,<1"],
         # Dense fine-tuning (barlow-finetune --task object-detection / semantic-segmentation):
         # mAP (COCO protocol, pycocotools backend) and mIoU from torchmetrics.
-        "dense": ["torchmetrics>=1.4", "pycocotools>=2.0.7"],
-        "tracking": ["tensorboard>=2.14"],
-        # The peer library the benchmarks compare against (benchmarks/train_step_cpu.py, benchmarks/loss.py).
-        "bench": ["lightly==1.6.0"],
+        "dense": ["torchmetrics>=1.4,<2", "pycocotools>=2.0.7,<3"],
+        "tracking": ["tensorboard>=2.14,<3"],
+        # The peer library the benchmarks compare against (benchmarks/train_step_cpu.py, benchmarks/loss.py);
+        # RESULTS.md's numbers are lightly 1.6.0's, the version constraints.txt pins.
+        "bench": ["lightly>=1.6,<2"],
         # barlow-search --backend faiss (training/embedding/index.py); exact search needs nothing more.
-        "index": ["faiss-cpu>=1.8"],
+        "index": ["faiss-cpu>=1.8,<2"],
         # barlow-search --serve, and the browser test that drives it (with Debian's chromium and chromedriver).
-        "demo": ["gradio>=5.0", "selenium>=4.20"],
+        "demo": ["gradio>=5.0,<7", "selenium>=4.20,<5"],
     },
     entry_points={
         "console_scripts": [
