@@ -27,6 +27,7 @@ __all__ = [
     "ModelArguments",
     "OutputArguments",
     "PretrainingArguments",
+    "parse_projector_dims",
     "shared_field",
 ]
 
@@ -80,6 +81,22 @@ class DataArguments:
             raise ValueError("--dataloader_num_workers must be >= 0.")
 
 
+def parse_projector_dims(value: str | int | list[str | int]) -> list[int]:
+    """The projector widths from the command line or a --config file: one width per item
+    ("8192 8192 8192", or a list), items joined by dashes ("8192-8192-8192", the authors' --projector),
+    or both. ValueError (a usage error) for anything else."""
+    items = [value] if isinstance(value, (str, int)) else list(value)
+    widths = []
+    for item in items:
+        for part in str(item).split("-"):
+            if not part.strip().isdecimal():
+                raise ValueError(
+                    f"--projector_dims takes widths as '8192 8192 8192' or '8192-8192-8192', got {item!r}."
+                )
+            widths.append(int(part))
+    return widths
+
+
 def _config_default(name: str) -> Any:
     """BarlowTwinsConfig's default for `name`: the options and the config share one source."""
     config_field = next(f for f in fields(BarlowTwinsConfig) if f.name == name)
@@ -102,9 +119,11 @@ class ModelArguments:
         default=_config_default("small_image_stem"),
         metadata={"help": "ResNet only: 3x3 stride-1 first convolution and no max-pool (32 px images)."},
     )
-    projector_dims: list[int] = field(
+    # Read as strings so that the authors' spelling passes argparse; __post_init__ makes them ints.
+    projector_dims: list[str] = field(
         default_factory=lambda: _config_default("projector_dims"),
-        metadata={"help": "Widths of the projector's linear layers; the last is the embedding width D."},
+        metadata={"help": "Widths of the projector's linear layers, the last being the embedding width D: "
+                          "'8192 8192 8192' or, as the authors' --projector, '8192-8192-8192'."},
     )
     off_diagonal_weight: float = field(
         default=_config_default("off_diagonal_weight"), metadata={"help": "The paper's lambda."}
@@ -117,6 +136,7 @@ class ModelArguments:
     )
 
     def __post_init__(self):
+        self.projector_dims = parse_projector_dims(self.projector_dims)
         self.to_config()  # BarlowTwinsConfig's checks, raised as usage errors before anything runs
 
     def to_config(self) -> BarlowTwinsConfig:
