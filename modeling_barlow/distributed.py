@@ -11,6 +11,9 @@ process merges them (Chan et al.'s pairwise update, as torch's SyncBatchNorm doe
 two per-channel gradient sums travel in one all-reduce. The counts stay on the device (a process's
 count is exact in fp32 up to 2^24 values per channel, and only weighs the merge), so nothing waits
 for them. The per-element work runs in torch's fused BatchNorm kernels, on CPUs and GPUs alike.
+Several views stacked along the batch (`GlobalBatchNorm.views_in_batch`, set by
+`view_batchnorm.views_in_batch`) are each normalised by their own global statistics, all of them
+in that same one collective each way.
 """
 
 from __future__ import annotations
@@ -272,8 +275,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
         self.num_batches_tracked.add_(1)
-        # A tensor weight for the cumulative average (momentum None): no host read of the count.
-        momentum = 1.0 / self.num_batches_tracked.float() if self.momentum is None else self.momentum
+        # A tensor weight for the cumulative average (momentum None): no host read of the count. In the
+        # buffers' dtype: fp32's 1/3 would be off by 1e-8 for float64 buffers.
+        momentum = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype) if self.momentum is None else self.momentum
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
         self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), momentum)
 
