@@ -301,7 +301,11 @@ def save_outputs(model, metrics: dict, run_config: dict, output_dir: Path, accel
         (output_dir / "training_args.json").write_text(json.dumps(run_config, indent=2, default=str))
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if knn is not None:
-        metrics["knn_top1"] = knn.evaluate(model.barlow_twins, step)
+        try:
+            metrics["knn_top1"] = knn.evaluate(model.barlow_twins, step)
+        except (ValueError, OSError, RuntimeError) as error:  # the model is saved: only the last kNN number is lost
+            logger.warning(f"No final kNN evaluation: {error}")
+            accelerator.wait_for_everyone()  # evaluate() fails on the main process; the others wait in it
     try:
         plot_held_out_cross_correlation(model, data_args, data.image_column, data.collator, data.to_views, accelerator,
                                         output_dir / "cross_correlation.png")

@@ -196,6 +196,28 @@ def test_a_failed_command_leaves_no_empty_folder_of_its_own_making(tmp_path):
         assert not (tmp_path / command).exists() and existing.is_dir()
 
 
+def test_a_failing_final_knn_evaluation_is_logged_not_fatal(tmp_path, parquet_folder, labelled_folder):
+    # A kNN dataset whose held-out images are all unreadable: its evaluation at the end fails, after
+    # the model is saved. The run still succeeds, with its model, metrics and C plot.
+    import shutil
+
+    knn_data = tmp_path / "knn"
+    shutil.copytree(labelled_folder / "train", knn_data / "train")
+    for label in ("0", "1", "2"):
+        (knn_data / "test" / label).mkdir(parents=True)
+        (knn_data / "test" / label / "unreadable.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    run = tmp_path / "run"
+    result = script("barlow-pretrain", "--dataset_name", parquet_folder, "--output_dir", run, "--max_train_steps", 1,
+                    "--knn_eval_dataset", knn_data, *TINY)
+    assert result.returncode == OK, result.stderr[-3000:]
+    assert "No final kNN evaluation: test_features must be a non-empty" in result.stderr
+    assert "knn_top1" not in json.loads((run / "metrics.json").read_text())
+    assert (run / "cross_correlation.png").is_file()
+    from modeling_barlow import BarlowTwinsForPreTraining
+
+    assert BarlowTwinsForPreTraining.from_pretrained(run).config.projector_dims == [64, 64]  # the saved model loads
+
+
 def test_a_finished_run_is_never_mixed_with_a_new_one(tmp_path, finished_run):
     run = _copy(finished_run, tmp_path)
     # --save_total_limit 2 kept the newest two of three checkpoints.
