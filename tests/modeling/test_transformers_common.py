@@ -15,12 +15,18 @@ from unittest import mock
 import timm
 import torch
 
+from transformers.models.auto.image_processing_auto import (
+    IMAGE_PROCESSOR_MAPPING_NAMES,
+    get_image_processor_class_from_name,
+)
+
 from modeling_barlow import (
     BarlowTwinsBackbone,
     BarlowTwinsConfig,
     BarlowTwinsForImageClassification,
     BarlowTwinsForPreTraining,
     BarlowTwinsModel,
+    create_image_processor,
 )
 
 from . import transformers_sdist
@@ -30,6 +36,7 @@ common = transformers_sdist.load("test_modeling_common")
 ConfigTester = transformers_sdist.load("test_configuration_common").ConfigTester
 PipelineTesterMixin = transformers_sdist.load("test_pipeline_mixin").PipelineTesterMixin
 BackboneTesterMixin = transformers_sdist.load("test_backbone_common").BackboneTesterMixin
+image_processing = transformers_sdist.load("test_image_processing_common")
 
 GRADIENT_CHECKPOINTING_SKIP = (
     "timm-based models checkpoint through timm (set_grad_checkpointing), with no GradientCheckpointingLayer"
@@ -190,3 +197,22 @@ class BarlowTwinsBackboneTest(_TimmBasedSkips, common.ModelTesterMixin, Backbone
     @unittest.skip(reason="TimmBackbone doesn't have num_hidden_layers attribute")
     def test_hidden_states_output(self):
         pass
+
+
+class BarlowTwinsImageProcessingTester(image_processing.ImageProcessingTester):
+    """Our preprocessing is transformers' Bit image processor set up by `create_image_processor`: its
+    classes (both backends) tested with exactly those settings, for a 32 px model."""
+
+    def __init__(self, parent, **kwargs):
+        settings = create_image_processor(BarlowTwinsConfig(**TINY, image_size=32)).to_dict()
+        settings.pop("image_processor_type")
+        settings = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}  # as JSON gives them back
+        super().__init__(parent, **{**settings, **kwargs})
+
+    def _get_image_processing_classes(self):
+        # transformers finds them by the test file's folder (tests/models/bit); ours is tests/modeling.
+        return {backend: get_image_processor_class_from_name(name) for backend, name in IMAGE_PROCESSOR_MAPPING_NAMES["bit"].items()}
+
+
+class BarlowTwinsImageProcessingTest(image_processing.ImageProcessingTestMixin, unittest.TestCase):
+    image_processor_tester_class = BarlowTwinsImageProcessingTester

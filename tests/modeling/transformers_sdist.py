@@ -56,8 +56,13 @@ CONFIG_COMMON_KWARGS = {
 
 
 def _url_to_local_path(url: str) -> str:
-    # utils/fetch_hub_objects_for_ci.py maps test images to a CI cache; no hub is reachable here.
-    raise RuntimeError(f"transformers' test wants {url}, which cannot be fetched offline")
+    """utils/fetch_hub_objects_for_ci.py maps the test photos (COCO's cats, ...) to a CI cache; no hub
+    is reachable here, so a photograph that ships with scikit-learn takes their place."""
+    if not url.lower().endswith((".jpg", ".jpeg", ".png")):
+        raise RuntimeError(f"transformers' test wants {url}, which cannot be fetched offline")
+    import sklearn.datasets
+
+    return str(Path(sklearn.datasets.__file__).parent / "images" / "china.jpg")
 
 
 def load(module: str) -> types.ModuleType:
