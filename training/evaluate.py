@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,8 +41,8 @@ from .collective import create_accelerator, launched_processes
 from .features import extract_features, knn_topk_accuracy
 from .optim import create_scheduler
 from .classifier_training import classifier_optimizer, evaluate_classifier, fit_classifier
-from .labelled_data import check_label_range, class_balanced_subset, fraction_name, load_labelled_data
-from .model_source import load_model_source
+from .labelled_data import LabelledData, check_label_range, class_balanced_subset, fraction_name, load_labelled_data
+from .model_source import ModelSource, load_model_source
 from .metrics import summarise_seeds, topk_accuracy
 from .probes import cached_features, exact_linear_probe, fit_linear_head, linear_head, sgd_linear_probe
 
@@ -207,7 +208,9 @@ def _settings(eval_args: EvaluationArguments, protocols: list[str], seeds: list[
 
 
 def _linear_probe(
-    seed, encoder, model, data, data_args, supervised_args, eval_args, features, device, accelerator
+    seed: int, encoder: Callable[[], torch.nn.Module], model: ModelSource, data: LabelledData, data_args: DataArguments,
+    supervised_args: SupervisedDataArguments, eval_args: EvaluationArguments,
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device, accelerator,
 ) -> tuple[dict, str]:
     """The linear protocol chosen by ``eval_args`` with ``seed``: (accuracies, how it was fitted)."""
     eval_x, eval_y = features["eval"]
@@ -238,7 +241,7 @@ def _row_values(metrics: dict[str, float], name: str, num_seeds: int) -> dict[st
 
 
 def _augmented_linear_probe(
-    seed, encoder, model, data, data_args, supervised_args, eval_args, eval_features, device, accelerator
+    seed: int, encoder, model, data, data_args, supervised_args, eval_args, eval_features, device, accelerator
 ) -> torch.Tensor:
     """The paper's full linear protocol: every epoch, new random resized crops and flips of the
     training images go through the frozen encoder (eval mode) into the head."""
@@ -267,7 +270,7 @@ def _augmented_linear_probe(
         return head(eval_features.to(device)).cpu()
 
 
-def _semi_supervised(seed, model, data, data_args, supervised_args, eval_args, indices, eval_loader, accelerator) -> dict:
+def _semi_supervised(seed: int, model, data, data_args, supervised_args, eval_args, indices, eval_loader, accelerator) -> dict:
     set_seed(seed)
     classifier, head = model.classifier(data.label_names)
     optimizer = classifier_optimizer(
