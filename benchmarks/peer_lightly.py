@@ -152,7 +152,7 @@ def _save(run_dir: Path, step: int, model, optimizer, scheduler, wall_time_s: fl
     shutil.rmtree(partial, ignore_errors=True)
     model.encoder.save_pretrained(partial)
     create_image_processor(model.encoder.config).save_pretrained(partial)
-    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    torch.save({"step": step, "max_steps": scheduler.T_max, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "wall_time_s": wall_time_s}, partial / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
@@ -171,6 +171,9 @@ def pretrain(run_dir: Path, images: np.ndarray, *, seed: int, batch_size: int, m
     start, wall_before = 0, 0.0
     if resume and checkpoints(run_dir):
         state = torch.load(checkpoints(run_dir)[-1][1] / STATE_FILE, weights_only=True)
+        if state.get("max_steps") != max_steps:  # the cosine schedule's length is in the checkpoint
+            raise ValueError(f"{run_dir} was started for {state.get('max_steps')} steps, not {max_steps}: resume "
+                             f"with the same --max_steps.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

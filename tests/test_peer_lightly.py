@@ -4,6 +4,7 @@ reads (our encoder classes, holding exactly the weights lightly trained) and res
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,23 +30,29 @@ def _train(run_dir: Path, images: np.ndarray, max_steps: int, resume: bool = Fal
 def test_checkpoints_hold_the_trained_encoder_and_resume(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, size=(48, 28, 28), dtype=np.uint8)
     run = tmp_path / "run"
-    _train(run, images, max_steps=3)
-    assert [step for step, _ in peer_lightly.checkpoints(run)] == [1, 2, 3]
+    _train(run, images, max_steps=5)
+    assert [step for step, _ in peer_lightly.checkpoints(run)] == [1, 2, 3, 4, 5]
     for step, folder in peer_lightly.checkpoints(run):
         trained = torch.load(folder / peer_lightly.STATE_FILE, weights_only=True)["model"]
         exported = BarlowTwinsModel.from_pretrained(folder).state_dict()
         assert exported.keys() == {k.removeprefix("encoder.") for k in trained if k.startswith("encoder.")}
         assert all(torch.equal(exported[k], trained[f"encoder.{k}"].to(exported[k].dtype)) for k in exported), step
-    first, last = (BarlowTwinsModel.from_pretrained(run / f"checkpoint-{s}").state_dict() for s in (1, 3))
+    first, last = (BarlowTwinsModel.from_pretrained(run / f"checkpoint-{s}").state_dict() for s in (1, 5))
     assert not torch.equal(first["backbone.conv1.weight"], last["backbone.conv1.weight"])  # it trained
 
-    # A folder with checkpoints is refused unless resumed; resuming continues from the newest.
+    # As if the run had stopped after step 3: a folder with checkpoints is refused unless resumed, a
+    # resume with another length is refused (the schedule's length is saved), and a resume continues from step 3.
+    for step in (4, 5):
+        shutil.rmtree(run / f"checkpoint-{step}")
+    (run / "metrics.json").unlink()
     with pytest.raises(FileExistsError):
         _train(run, images, max_steps=5)
+    with pytest.raises(ValueError, match="started for 5 steps, not 6"):
+        _train(run, images, max_steps=6, resume=True)
     _train(run, images, max_steps=5, resume=True)
     assert [step for step, _ in peer_lightly.checkpoints(run)] == [1, 2, 3, 4, 5]
     steps = [json.loads(line)["step"] for line in (run / "log_history.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5]  # the log is appended to, and the resumed part starts after step 3
+    assert steps == [1, 2, 3, 4, 5, 4, 5]  # the log is appended to; the resumed part starts after step 3
     # Step 4 continued from step 3's weights, not from a fresh start (which is step 0's, then close to step 1's).
     weights = {s: torch.cat([v.flatten().float() for k, v in BarlowTwinsModel.from_pretrained(run / f"checkpoint-{s}")
                              .state_dict().items() if k.endswith("weight")]) for s in (1, 3, 4)}
