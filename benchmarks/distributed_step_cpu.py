@@ -9,9 +9,12 @@ views, the loss, backward, LARS step, zero_grad. One process runs the plain mode
 BatchNorm layers converted to ``GlobalBatchNorm``, DDP over gloo, one thread each.
 ``ratio`` = seconds per step of one process / of two (1 is perfect weak scaling).
 
-"Before" is the same two-process run with ``modeling_barlow`` as it stood before issue #21
-(``--before_commit``, extracted with ``git archive``): the count all-reduced and read back in every
-BatchNorm forward, then two all-reduces for the mean and the variance.
+"Before" is the same two configurations with ``modeling_barlow`` as it stood at ``--before_commit``
+(extracted with ``git archive``). The default is the last commit before issue #32: one forward per
+view, so every BatchNorm layer sent one collective per view each way. ``--before_commit b8d3cc1``
+gives the code before issue #21 (the count all-reduced and read back in every BatchNorm forward,
+then two all-reduces for the mean and the variance), which results/distributed_step_cpu.json held
+until #32.
 
 Counts per step (one step of rank 0, after the timed ones): ``collectives_per_step``, every gloo
 collective torch.profiler records (DDP's gradient buckets and buffer broadcasts included), and
@@ -19,7 +22,7 @@ collective torch.profiler records (DDP's gradient buckets and buffer broadcasts 
 behind ``.item()``, ``int()``, ``float()``, ``bool()``; ``nonzero``, ``equal``, ``masked_select``;
 ``.tolist()``), each of which waits for an accelerator's queue to drain.
 
-Each round launches the three configurations in turn (1 process, 2 processes, 2 processes before),
+Each round launches the four configurations in turn (1 process, 2 processes, and both before),
 each with one untimed warm-up step; medians over rounds x steps.
 """
 
@@ -43,8 +46,8 @@ from common import REPO_ROOT, median, write_result  # noqa: E402
 NAME = "distributed_step_cpu"
 TARGET = "ratio >= 0.85"
 IMAGE_SIZE = 32
-# The last commit before issue #21's change of GlobalBatchNorm and the loss's statistics.
-BEFORE_COMMIT = "b8d3cc1"
+# The last commit before issue #32's one forward for both views (#21's was b8d3cc1).
+BEFORE_COMMIT = "060923a"
 HOST_READ_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select"}
 
 
@@ -197,7 +200,9 @@ def main() -> None:
     configurations = {"one_process": (1, None), "two_processes": (2, None)}
     with tempfile.TemporaryDirectory() as tmp:
         if args.before_commit:
-            configurations["two_processes_before"] = (2, extract_code(args.before_commit, Path(tmp)))
+            before_code = extract_code(args.before_commit, Path(tmp))
+            configurations["one_process_before"] = (1, before_code)
+            configurations["two_processes_before"] = (2, before_code)
         runs = {name: [] for name in configurations}
         for index in range(args.rounds):
             order = list(configurations) if index % 2 == 0 else list(reversed(configurations))
@@ -226,7 +231,11 @@ def main() -> None:
         "one_process": "the plain model, no torch.distributed (as barlow-pretrain alone)",
         "two_processes": "GlobalBatchNorm + DistributedDataParallel over gloo (as barlow-pretrain under torchrun)",
         "two_processes_before": f"the same with modeling_barlow from commit {args.before_commit}" if before else None,
-        "ratio_before": round(medians["one_process"] / medians["two_processes_before"], 4) if before else None,
+        "one_process_before": f"the plain model with modeling_barlow from commit {args.before_commit}" if before else None,
+        "ratio_before": round(medians["one_process_before"] / medians["two_processes_before"], 4) if before else None,
+        "speedup_over_before": {"one_process": round(medians["one_process_before"] / medians["one_process"], 4),
+                                "two_processes": round(medians["two_processes_before"] / medians["two_processes"], 4)}
+        if before else None,
         "median_seconds_per_step": {name: round(v, 3) for name, v in medians.items()},
         # CPU time of rank 0's process (all its threads, gloo's included): the work distribution adds,
         # apart from waiting, which a loaded machine inflates.

@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=1)
     parser.add_argument("--step_alone_steps", type=int, default=4, help="timed bare steps per baseline run")
+    parser.add_argument("--before_commit", help="Also run barlow-pretrain as of this commit (the repository "
+                        "extracted with git archive), alternating: details.ours_before (issue #32 used 060923a).")
     args = parser.parse_args()
     if not (args.idx_dir / "train-images-idx3-ubyte.gz").is_file():
         sys.exit(f"No Fashion-MNIST IDX files in {args.idx_dir}: apt-get install -y dataset-fashion-mnist")
@@ -125,11 +127,12 @@ def main() -> None:
 
     trainer_runs: list[dict] = []
 
-    def end_to_end() -> float:
+    def end_to_end(root: Path = REPO_ROOT) -> float:
         output_dir = args.work_dir / f"run_{len(trainer_runs)}"
         command = [sys.executable, "-m", "training.pretrain", *trainer_arguments(data_dir, output_dir, args)]
         started = time.perf_counter()
-        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+        # `-m` puts the working directory first on sys.path: the code of `root` runs.
+        result = subprocess.run(command, cwd=root, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"barlow-pretrain failed:\n{result.stderr[-4000:]}")
         rate, wait, rows = read_windows(output_dir / LOG_NAME, args.batch_size)
@@ -138,13 +141,26 @@ def main() -> None:
             "windows": [{k: row[k] for k in ("step", "images_per_second", "data_wait_fraction")} for row in rows],
             "process_wall_s": round(time.perf_counter() - started, 1),
             "load_average_1min": round(os.getloadavg()[0], 2),
+            "code": "working tree" if root == REPO_ROOT else f"commit {args.before_commit}",
         })
         print(trainer_runs[-1], flush=True)
         return rate
 
-    samples = alternate({"ours": end_to_end, "baseline": step_alone}, runs=args.runs, warmup=0)
+    contenders = {"ours": end_to_end, "baseline": step_alone}
+    if args.before_commit:
+        before_root = args.work_dir / f"code_{args.before_commit}"
+        if not before_root.is_dir():
+            before_root.mkdir(parents=True)
+            archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", args.before_commit], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(before_root)], input=archive, check=True)
+        contenders["ours_before"] = lambda: end_to_end(before_root)
+    samples = alternate(contenders, runs=args.runs, warmup=0)
     ours, baseline = median(samples["ours"]), median(samples["baseline"])
-    waits = [run["data_wait_fraction"] for run in trainer_runs]
+    waits = [run["data_wait_fraction"] for run in trainer_runs if run["code"] == "working tree"]
+    before = {"before_commit": args.before_commit,
+              "ours_before": round(median(samples["ours_before"]), 2),
+              "speedup_over_before": round(ours / median(samples["ours_before"]), 4)} if args.before_commit else {}
     write_result(
         "end_to_end_cpu",
         ours=round(ours, 2),
@@ -164,6 +180,7 @@ def main() -> None:
             "samples_images_per_s": {k: [round(v, 2) for v in vs] for k, vs in samples.items()},
             "trainer_runs": trainer_runs,
             "torch_threads_step_alone": torch.get_num_threads(),
+            **before,
             "note": (
                 "2-core machine shared with other jobs: the trainer's DataLoader worker (decode + augment, one "
                 "thread) competes with the step's two intra-op threads for the same 2 cores, so part of the loss "
