@@ -89,6 +89,37 @@ def test_partial_checkpoint_is_never_latest(tmp_path):
     assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
 
 
+def test_save_total_limit_removes_an_old_checkpoint_only_once_the_new_one_is_complete(tmp_path):
+    from accelerate import Accelerator
+
+    from training.checkpointing import TrainerState, list_checkpoints, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+
+    def names() -> list[str]:
+        return sorted(p.name for p in tmp_path.iterdir())
+
+    for step in (1, 2):
+        save_checkpoint(accelerator, tmp_path, TrainerState(global_step=step), save_total_limit=2)
+    assert names() == ["checkpoint-1", "checkpoint-2"]
+    seen = []
+
+    def while_writing(folder):  # runs while checkpoint-3 is written, before it is renamed into place
+        seen.append((folder.name, names()))
+
+    save_checkpoint(accelerator, tmp_path, TrainerState(global_step=3), save_extra=while_writing, save_total_limit=2)
+    assert seen == [(".checkpoint-3.partial", [".checkpoint-3.partial", "checkpoint-1", "checkpoint-2"])]
+    assert names() == ["checkpoint-2", "checkpoint-3"]
+
+    def full_disk(folder):
+        raise OSError(28, "No space left on device")
+
+    # A save that fails before it is complete removes no older checkpoint.
+    with pytest.raises(OSError):
+        save_checkpoint(accelerator, tmp_path, TrainerState(global_step=4), save_extra=full_disk, save_total_limit=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-2"]
+
+
 def test_resume_in_the_same_folder_logs_each_step_once(tmp_path, parquet_folder):
     # A run killed after step 5 had logged steps 1-5 (the last line torn) but saved only step 3.
     common = ["--dataset_name", str(parquet_folder), "--max_train_steps", "6", "--checkpointing_steps", "3", *TINY]
