@@ -77,6 +77,31 @@ def test_options_from_the_command_line_and_a_config_file(tmp_path):
     assert model.width == 6 and run.steps == [7] and model.name == "vit"  # the command line wins
 
 
+def test_string_options_are_recognised_by_their_annotation():
+    from barlow_cli.arguments import _is_string_field
+
+    # Annotations arrive as strings under `from __future__ import annotations`, as in the commands.
+    for annotation in (str, "str", "str | None", "str|None", "Optional[str]"):
+        assert _is_string_field(annotation), annotation
+    for annotation in (int, "int", "list[str]", "str | int", "bool", None):
+        assert not _is_string_field(annotation), annotation
+
+
+def test_help_shows_the_description_defaults_and_config(capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_arguments((Model, Run), ["--help"], description="A test command.")
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "A test command." in text
+    assert "--kwargs KWARGS JSON of keyword arguments. (default: None)" in text  # argparse's defaults formatter
+    assert "--config CONFIG YAML or JSON file of options; command-line options win. (default: None)" in text
+
+
+def test_the_command_line_is_read_when_no_argv_is_given(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["barlow-test", "--width", "5"])
+    assert parse_arguments((Model,))[0].width == 5
+
+
 def test_option_errors_are_usage_errors_with_one_line(tmp_path, capsys):
     config = tmp_path / "run.json"
     config.write_text('{"width": 2, "depth": 1, "colour": 0}')
@@ -172,7 +197,7 @@ def test_folders_that_cannot_be_used(tmp_path):
     a_file.write_text("x")
     with pytest.raises(UsageError, match=f"^--out {a_file} is a file; give a folder \\(it is created if missing\\).$"):
         prepare_output_dir(a_file, RUN_FILES, option="--out")
-    with pytest.raises(UsageError, match=f"^--output_dir {a_file / 'run'} cannot be written \\(.+\\); choose a folder"):
+    with pytest.raises(UsageError, match=f"^--output_dir {a_file / 'run'} cannot be written \\(Not a directory\\); choose a folder"):
         prepare_output_dir(a_file / "run", RUN_FILES)
     read_only = tmp_path / "read_only"
     read_only.mkdir()
@@ -198,8 +223,12 @@ def test_an_earlier_run_is_refused_named_and_left_untouched(tmp_path):
                            holds="is not empty")
     assert str(refused.value) == (f"--local_dir {tmp_path} is not empty (checkpoint-1, model.safetensors, notes.txt). "
                                   "Choose another folder, or pass --overwrite_local_dir to replace it.")
-    for index in range(2, 6):
+    (tmp_path / "notes.txt").unlink()
+    for index in range(2, 5):  # five: all named
         (tmp_path / f"checkpoint-{index}").mkdir()
+    with pytest.raises(UsageError, match=r"\(checkpoint-1, checkpoint-2, checkpoint-3, checkpoint-4, model.safetensors\)\."):
+        prepare_output_dir(tmp_path, RUN_FILES)
+    (tmp_path / "checkpoint-5").mkdir()  # six: the first five and "..."
     with pytest.raises(UsageError, match=r"\(checkpoint-1, checkpoint-2, checkpoint-3, checkpoint-4, checkpoint-5, \.\.\.\)"):
         prepare_output_dir(tmp_path, RUN_FILES)
     assert sorted(p.name for p in tmp_path.iterdir())[:2] == ["checkpoint-1", "checkpoint-2"]

@@ -54,11 +54,15 @@ def test_shards_close_at_the_first_batch_that_reaches_the_size(tmp_path):
 
 def test_known_features_survive_and_others_are_inferred_in_the_dtype_asked(tmp_path):
     names = datasets.ClassLabel(names=["even", "odd"])
-    writer = _writer(tmp_path, dtype="float16", features={"label": names}, rows_per_shard=100)
-    writer.add(*_rows(0, 3))
+    writer = _writer(tmp_path, dtype="float16", features={"label": names, "id": datasets.Value("int32")},
+                     rows_per_shard=100, columns=("id", "label", "note"))
+    ids, values = _rows(0, 3)
+    writer.add(ids, {**values, "note": ["a", "b", "c"]})
     writer.close()
     table = datasets.load_dataset(str(tmp_path), split="train")
-    assert table.features["label"] == names and table.features["id"] == datasets.Value("int64")
+    assert table.features["label"] == names and table.features["id"] == datasets.Value("int32")
+    assert table.features["note"] == datasets.Value("string") and table["note"] == ["a", "b", "c"]
+    assert pq.read_schema(shard_files(tmp_path)[0]).field("id").type == "int32"
     assert table.features["embedding"] == datasets.List(datasets.Value("float16"), length=3)
     assert pq.read_schema(shard_files(tmp_path)[0]).field("embedding").type.value_type == "halffloat"
 
@@ -77,27 +81,29 @@ def test_skipped_keys_are_kept_in_the_next_shard_and_counted_once(tmp_path):
 
 
 def test_a_resumed_writer_numbers_on_after_its_own_rank_shards(tmp_path):
-    first = _writer(tmp_path, rank=1, rows_per_shard=1)
-    first.add(*_rows(0, 1))
-    first.add(*_rows(1, 1))
-    other_rank = _writer(tmp_path, rank=0, rows_per_shard=1)
+    folder = tmp_path / "new" / "emb"  # made with its parents
+    first = _writer(folder, rank=1, rows_per_shard=1)
+    for start in range(3):
+        first.add(*_rows(start, 1))
+    other_rank = _writer(folder, rank=0, rows_per_shard=1)
     assert other_rank.next_number == 0
-    resumed = _writer(tmp_path, rank=1, rows_per_shard=1)
-    assert resumed.next_number == 2 and resumed.written_rows == 0
-    resumed.add(*_rows(2, 1))
-    other_rank.add(*_rows(3, 1))
-    assert [p.name for p in shard_files(tmp_path, rank=1)] == [f"train-r001-0000{i}.parquet" for i in range(3)]
-    assert [p.name for p in shard_files(tmp_path, rank=0)] == ["train-r000-00000.parquet"]
-    assert [p.name for p in shard_files(tmp_path)][0] == "train-r000-00000.parquet" and len(shard_files(tmp_path)) == 4
-    vectors, columns = read_embeddings(tmp_path, ["id"])
-    assert columns["id"] == [3, 0, 1, 2]  # name order: rank 0's shard first
-    expected = np.concatenate([_rows(i, 1)[0] for i in (3, 0, 1, 2)]).astype(np.float32)
-    assert vectors.dtype == np.float32 and vectors.shape == (4, 3)
+    resumed = _writer(folder, rank=1, rows_per_shard=1)
+    assert resumed.next_number == 3 and resumed.written_rows == 0
+    resumed.add(*_rows(3, 1))
+    other_rank.add(*_rows(4, 1))
+    assert [p.name for p in shard_files(folder, rank=1)] == [f"train-r001-0000{i}.parquet" for i in range(4)]
+    assert [p.name for p in shard_files(folder, rank=0)] == ["train-r000-00000.parquet"]
+    assert [p.name for p in shard_files(folder)][0] == "train-r000-00000.parquet" and len(shard_files(folder)) == 5
+    vectors, columns = read_embeddings(folder, ["id"])
+    assert columns["id"] == [4, 0, 1, 2, 3]  # name order: rank 0's shard first
+    expected = np.concatenate([_rows(i, 1)[0] for i in (4, 0, 1, 2, 3)]).astype(np.float32)
+    assert vectors.dtype == np.float32 and vectors.shape == (5, 3)
     np.testing.assert_array_equal(vectors, expected)
 
 
 def test_reading_float16_shards_gives_float32_and_an_empty_folder_gives_nothing(tmp_path):
     assert read_embeddings(tmp_path, ["id"])[0].shape == (0, 0)
+    assert read_embeddings(tmp_path, ["id"])[0].dtype == np.float32
     assert read_embeddings(tmp_path, ["id"])[1] == {"id": []}
     assert summarize(tmp_path) == {"count": 0, "skipped": 0, "shards": 0}
     writer = _writer(tmp_path, dtype="float16", rows_per_shard=100)
@@ -113,7 +119,8 @@ def test_info_file_is_written_atomically_and_read_back_or_explained(tmp_path):
         read_info(tmp_path)
     writer = _writer(tmp_path, rows_per_shard=1)
     writer.add(*_rows(0, 1))
-    with pytest.raises(ValueError, match="has embedding shards but no embedding_info.json: its barlow-embed run did not finish"):
+    with pytest.raises(ValueError, match="has embedding shards but no embedding_info.json: its barlow-embed run did not "
+                                         "finish; run the same command again to complete it.$"):
         read_info(tmp_path)
     write_json_atomically(tmp_path / INFO_FILE, {"count": 1, "model": "m"})
     assert read_info(tmp_path) == {"count": 1, "model": "m"}
@@ -122,3 +129,14 @@ def test_info_file_is_written_atomically_and_read_back_or_explained(tmp_path):
     (tmp_path / INFO_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="embedding_info.json is not valid JSON"):
         read_info(tmp_path)
+
+
+def test_a_shard_without_skipped_keys_in_its_metadata(tmp_path):
+    # Written by another tool (or a version that listed none): nothing was skipped there.
+    import pyarrow as pa
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"id": [5, 6], "embedding": [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]}),
+                   tmp_path / "data" / "train-r000-00000.parquet")
+    assert written_keys(tmp_path, "id") == {5, 6}
+    assert summarize(tmp_path) == {"count": 2, "skipped": 0, "shards": 1}
