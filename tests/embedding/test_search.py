@@ -68,6 +68,36 @@ def test_faiss_backend_finds_what_the_exact_search_finds(digit_index):
     assert (faiss_rows[:, 0] == exact_rows[:, 0]).all()
 
 
+@pytest.mark.skipif(not faiss_available(), reason="faiss is not installed (the index extra)")
+def test_faiss_index_hnsw32_from_the_command_line(digit_index, tmp_path, monkeypatch):
+    import faiss
+
+    from training.data import load_image_dataset
+    from training.embedding.search import main
+
+    built, real_factory = [], faiss.index_factory
+
+    def index_factory(dimension, factory, metric):
+        built.append((dimension, factory, metric))
+        return real_factory(dimension, factory, metric)
+
+    monkeypatch.setattr(faiss, "index_factory", index_factory)
+    train = load_image_dataset(None, split="train", streaming=False)
+    queries = [str(tmp_path / f"q{i}.png") for i in (3, 250)]
+    for i, path in zip((3, 250), queries):
+        train[i]["image"].save(path)
+    main(["--index_dir", str(digit_index), "--query", *queries, "--k", "4", "--backend", "faiss",
+          "--faiss_index", "HNSW32", "--output_file", str(tmp_path / "hits.json")])
+    assert built == [(32, "HNSW32", faiss.METRIC_INNER_PRODUCT)]  # the graph index, for cosine (unit vectors)
+    index = EmbeddingIndex.load(digit_index)
+    for entry, own in zip(json.loads((tmp_path / "hits.json").read_text()), (3, 250)):
+        assert len(entry["hits"]) == 4 and entry["hits"][0]["id"] == own  # the query is the indexed image
+        row = index.columns["id"].index(own)
+        for hit in entry["hits"]:  # each score is the cosine of the stored vectors
+            other = index.columns["id"].index(hit["id"])
+            assert hit["score"] == pytest.approx(float(index.vectors[row] @ index.vectors[other]), abs=1e-4)
+
+
 def test_search_cli_json_grid_and_map(digit_index, tmp_path):
     from training.data import load_image_dataset
 
