@@ -344,6 +344,32 @@ def test_push_to_hub_without_a_token_fails_before_training(tmp_path, monkeypatch
     assert not (tmp_path / "run" / "log_history.jsonl").exists()
 
 
+def test_report_to_tensorboard_and_the_knn_monitor_options_from_the_command_line(tmp_path, parquet_folder, caplog):
+    import logging
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    knn_data = tmp_path / "knn"  # small, so that the monitor costs little
+    for index, (image, label) in enumerate(digit_images(60)):
+        folder = knn_data / ("train" if index < 40 else "test") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{index}.png")
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="training.monitor"):
+        metrics = pretrain(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "2",
+                            *TINY, "--report_to", "tensorboard", "--knn_eval_dataset", str(knn_data), "--knn_k", "5",
+                            "--knn_temperature", "0.5"])
+    assert "step 2: kNN top-1" in caplog.text and "(k=5, T=0.5)" in caplog.text
+    # TensorBoard got the logged steps: the same losses as log_history.jsonl, and the final kNN number.
+    assert list((out / "barlow_twins").glob("events.out.tfevents.*"))  # the run's (its hparams in a subfolder)
+    scalars = EventAccumulator(str(out / "barlow_twins"))
+    scalars.Reload()
+    logged = {event.step: event.value for event in scalars.Scalars("train_loss")}
+    assert logged == pytest.approx({h["step"]: h["train_loss"] for h in history(out)}, rel=1e-6)
+    assert sorted(logged) == [1, 2]
+    assert [(e.step, e.value) for e in scalars.Scalars("knn_top1")] == [(2, pytest.approx(metrics["knn_top1"]))]
+
+
 def test_channels_last_changes_layout_not_losses(tmp_path, parquet_folder):
     # Same seed and data: NHWC only reorders memory, so the losses agree to float32 rounding,
     # and the saved weights load back (safetensors needs contiguous tensors).
