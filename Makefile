@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean compat
+.PHONY: setup test demo clean compat mutate
 
 setup: $(STAMP)
 
@@ -43,8 +43,20 @@ compat:
 	-HF_HUB_OFFLINE=1 $(COMPAT)/bin/python -m pytest -q -p no:cacheprovider --junitxml=$(COMPAT)/junit.xml
 	$(COMPAT)/bin/python benchmarks/compat.py --junit $(COMPAT)/junit.xml --output benchmarks/results/compat.json
 
+# Mutation testing, apart from `make test`: mutmut edits the code one small change at a time and runs
+# the fast in-process tests that guard each module (benchmarks/mutation.py lists them); counts and the
+# surviving mutants, each explained, go to benchmarks/results/mutation.json. CPU heavy: minutes per
+# module. `make mutate MODULES="barlow_cli store"` runs some.
+MUTATION_STAMP := $(VENV)/.installed-mutation
+$(MUTATION_STAMP): $(TEST_STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,mutation]"
+	touch $(MUTATION_STAMP)
+
+mutate: $(MUTATION_STAMP)
+	HF_HUB_OFFLINE=1 nice -n 10 $(PY) benchmarks/mutation.py $(MODULES)
+
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py --output_dir demo_output
 
 clean:
-	rm -rf demo_output .pytest_cache $(COMPAT)
+	rm -rf demo_output .pytest_cache $(COMPAT) .mutation

@@ -47,6 +47,8 @@ setup(
         "index": ["faiss-cpu>=1.8,<2"],
         # barlow-search --serve, and the browser test that drives it (with Debian's chromium and chromedriver).
         "demo": ["gradio>=5.0,<7", "selenium>=4.20,<5"],
+        # make mutate: mutation testing of the fast in-process tests (benchmarks/mutation.py).
+        "mutation": ["mutmut>=3.8,<4"],
     },
     entry_points={
         "console_scripts": [
