@@ -146,3 +146,83 @@ def test_diagonal_mean_is_the_mean_of_c_ii(path):
     assert out.diagonal_mean.item() == pytest.approx(torch.diagonal(c).mean().item(), rel=1e-5)
     assert 0.3 < out.diagonal_mean.item() < 1  # correlated views
     assert not out.diagonal_mean.requires_grad
+
+
+@pytest.fixture
+def multi_process_code_on_one_process(tmp_path, monkeypatch):
+    """The multi-process code (global statistics, gathered rows, C summed over processes) run by a
+    one-process gloo group with is_distributed() answering yes: it must give the one-process loss.
+    (tests/modeling/test_loss_distributed.py runs it on two processes, in subprocesses that mutation
+    testing cannot follow; this runs in process.)"""
+    import torch.distributed as dist
+
+    import modeling_barlow.distributed as distributed
+    import modeling_barlow.loss as loss
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    monkeypatch.setattr(loss, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("path", ["gram", "direct"])
+def test_the_multi_process_code_matches_the_reference(multi_process_code_on_one_process, path):
+    from modeling_barlow import cross_correlation
+
+    # A small spread, so that eps = 0.5 matters (it is added to variances of about 0.1).
+    z1 = (torch.randn(16, 24) * 0.3 + 1).requires_grad_(True)
+    z2 = (z1.detach() * 0.5 + torch.randn(16, 24) * 0.3).requires_grad_(True)
+    out = barlow_twins_loss(z1, z2, off_diagonal_weight=0.0051, loss_scale=0.7, eps=0.5, path=path)
+    r1, r2 = z1.detach().double().requires_grad_(True), z2.detach().double().requires_grad_(True)
+    ref, ref_on, ref_off = reference_loss(r1, r2, 0.0051, 0.7, eps=0.5)
+    torch.testing.assert_close(out.on_diagonal.double(), ref_on, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.off_diagonal.double(), ref_off, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(out.loss, (z1, z2)), torch.autograd.grad(ref, (r1, r2))):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    a = (r1.detach() - r1.detach().mean(0)) / torch.sqrt(r1.detach().var(0, unbiased=False) + 0.5)
+    b = (r2.detach() - r2.detach().mean(0)) / torch.sqrt(r2.detach().var(0, unbiased=False) + 0.5)
+    torch.testing.assert_close(cross_correlation(z1, z2, eps=0.5).double(), a.T @ b / 16, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["gram", "direct"])
+def test_eps_is_added_to_the_variance(path):
+    z1, z2 = torch.randn(16, 24) * 0.3, torch.randn(16, 24) * 0.3
+    out = barlow_twins_loss(z1, z2, eps=0.5, path=path)
+    ref, _, _ = reference_loss(z1, z2, 0.0051, eps=0.5)
+    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-5)
+    assert abs(out.loss.item() - reference_loss(z1, z2, 0.0051)[0].item()) > 1  # eps changes it here
+
+
+@pytest.mark.parametrize("path, n, d, used", [
+    ("auto", 8, 9, "gram"), ("auto", 9, 9, "direct"), ("auto", 10, 9, "direct"),
+    ("gram", 20, 4, "gram"), ("direct", 4, 20, "direct"),
+])
+def test_the_gram_path_is_taken_when_asked_or_when_the_batch_is_narrower_than_d(monkeypatch, path, n, d, used):
+    import modeling_barlow.loss as loss
+
+    taken = []
+    for name in ("_sums_gram", "_sums_direct"):
+        real = getattr(loss, name)
+        monkeypatch.setattr(loss, name, lambda *args, real=real, name=name: taken.append(name) or real(*args))
+    barlow_twins_loss(torch.randn(n, d), torch.randn(n, d), path=path)
+    assert taken == [f"_sums_{used}"]
+
+
+def test_two_samples_are_enough_and_an_unknown_path_is_named():
+    assert torch.isfinite(barlow_twins_loss(torch.randn(2, 4), torch.randn(2, 4)).loss)
+    with pytest.raises(ValueError, match="^path must be 'auto', 'gram' or 'direct', got 'fast'.$"):
+        barlow_twins_loss(torch.randn(4, 4), torch.randn(4, 4), path="fast")
+
+
+def test_the_off_diagonal_sum_keeps_its_precision_when_c_is_the_identity_at_width_1024():
+    # ||C||_F^2 (about 1024) and sum(diag(C)^2) nearly cancel: accumulated in fp32, their difference
+    # would be off by about 1e-4; in fp64 it is the fp32 rounding of C's entries, about 1e-8.
+    n, d = 2048, 1024
+    x = torch.randn(n, d, dtype=torch.float64)
+    q, _ = torch.linalg.qr(x - x.mean(0))
+    z = (q * n**0.5 * 1000).float()
+    out = barlow_twins_loss(z, z.clone(), path="direct")
+    assert abs(out.off_diagonal.item()) < 1e-6
