@@ -33,8 +33,11 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "barlow_cli": (["barlow_cli/*.py"], ["tests/test_barlow_cli.py"]),
     "store": (["training/embedding/store.py"], ["tests/embedding/test_store.py"]),
     "loss": (["modeling_barlow/loss.py"], ["tests/modeling/test_loss.py"]),
-    "configuration": (["modeling_barlow/configuration_barlow_twins.py"], ["tests/modeling/test_config.py"]),
-    "distributed": (["modeling_barlow/distributed.py"], ["tests/modeling/test_global_batchnorm.py"]),
+    "configuration": (["modeling_barlow/configuration_barlow_twins.py"],
+                      ["tests/modeling/test_config.py", "tests/modeling/test_config_validation.py"]),
+    # test_loss.py runs the multi-process branches on a one-process gloo group.
+    "distributed": (["modeling_barlow/distributed.py"],
+                    ["tests/modeling/test_global_batchnorm.py", "tests/modeling/test_loss.py"]),
 }
 
 # Survivors that are equivalent mutants (the edit changes no behaviour), by mutmut's name, with why.
