@@ -190,7 +190,11 @@ class FinetuningArguments:
         default="sgd", metadata={"help": "sgd (momentum 0.9) or adamw.", "choices": ["sgd", "adamw"]}
     )
     weight_decay: float = shared_field(PretrainingArguments, "weight_decay", default=0.0)
-    warmup_epochs: float = shared_field(PretrainingArguments, "warmup_epochs", default=0.0)
+    warmup_epochs: float = shared_field(
+        PretrainingArguments, "warmup_epochs", default=0.0,
+        help="Linear warm-up length in epochs, before the cosine schedule. None by default: the paper's fine-tuning "
+             "has none (its 10 warm-up epochs are pretraining's).",
+    )
     freeze_backbone: bool = field(
         default=False,
         metadata={"help": "Train only the head, the backbone frozen in eval mode: the linear protocol with training "

@@ -130,3 +130,21 @@ def test_help_documents_the_options(capsys):
                    "--per_device_train_batch_size", "--per_device_eval_batch_size", "--output_dir", "--label_column",
                    "--eval_split", "--freeze_backbone", "--random_init", "--config"):
         assert option in text, option
+
+
+@pytest.mark.parametrize("task", ["image-classification", "object-detection"])
+def test_help_states_the_real_warmup_default(task, capsys, monkeypatch):
+    # The help said "the paper's 10 ... else 1%" (pretraining's default) over a default of 0.0.
+    monkeypatch.setattr("sys.argv", ["barlow-finetune"])
+    with pytest.raises(SystemExit) as done:
+        main(["--task", task, "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    help_text = text.split("--warmup_epochs WARMUP_EPOCHS, --warmup-epochs WARMUP_EPOCHS ", 1)[1].split(" --", 1)[0]
+    assert help_text == ("Linear warm-up length in epochs, before the cosine schedule. None by default: the paper's "
+                         "fine-tuning has none (its 10 warm-up epochs are pretraining's). (default: 0.0)")
+    from training.classifier_arguments import FinetuningArguments
+    from training.dense.arguments import DenseFinetuningArguments
+
+    assert FinetuningArguments.__dataclass_fields__["warmup_epochs"].default == 0.0
+    assert DenseFinetuningArguments.__dataclass_fields__["warmup_epochs"].default == 0.0
