@@ -399,8 +399,20 @@ class HubArguments:
         try:
             result = publish(output_dir, repo_id=self.hub_model_id, push=True, private=self.hub_private_repo)
         except PublishError as error:
-            raise ValueError(
-                f"The model is saved in {output_dir}, but the upload failed: {error} "
-                f"Retry with: barlow-publish --model_dir {output_dir} --repo_id {self.hub_model_id} --push"
-            ) from None
+            retry = f"barlow-publish --model_dir {output_dir} --repo_id {self.hub_model_id} --push"
+            raise ValueError(f"The model is saved in {output_dir}, but the upload failed: {error} Retry with: {retry}") from None
         return result.url
+
+    def push_as_saved(self, output_dir: str | Path) -> str | None:
+        """Upload `output_dir` as it was saved, with the upload `push` ends with (`hub.push_folder`):
+        for a detection or segmentation model, a DETR or UperNet around the encoder, which
+        barlow-publish's encoder formats do not cover. Returns the URL; only the main process uploads."""
+        if not self.push_to_hub or int(os.environ.get("RANK", "0")) != 0:
+            return None
+        from hub import PublishError, push_folder
+
+        try:
+            return push_folder(output_dir, self.hub_model_id, private=self.hub_private_repo)
+        except PublishError as error:
+            retry = f"hf upload {self.hub_model_id} {output_dir}"
+            raise ValueError(f"The model is saved in {output_dir}, but the upload failed: {error} Retry with: {retry}") from None

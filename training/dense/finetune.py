@@ -19,6 +19,7 @@ optimizer, loop, save. Run with `--help` for every option.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from barlow_cli import parse_arguments, prepare_output_dir, run_command, setup_logging
 
-from ..arguments import DataArguments
+from ..arguments import DataArguments, HubArguments
 from ..checkpointing import append_history
 from ..classifier_arguments import PretrainedModelArguments
 from ..classifier_training import classifier_optimizer
@@ -44,15 +45,23 @@ from .models import build_dense_model
 
 logger = get_logger(__name__)
 
-ARGUMENT_TYPES = (DenseTaskArguments, DataArguments, PretrainedModelArguments, DenseFinetuningArguments)
+ARGUMENT_TYPES = (DenseTaskArguments, DataArguments, PretrainedModelArguments, DenseFinetuningArguments, HubArguments)
 RUN_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "metrics.json", "training_args.json",
              "log_history.jsonl")
 
 
 def main(argv: list[str] | None = None) -> None:
-    task_args, data_args, model_args, train_args = parse_arguments(ARGUMENT_TYPES, argv, description=__doc__)
+    task_args, data_args, model_args, train_args, hub_args = parse_arguments(ARGUMENT_TYPES, argv, description=__doc__)
     setup_logging()
-    run_command("barlow-finetune", lambda: finetune_dense(task_args, data_args, model_args, train_args))
+
+    def run() -> None:
+        hub_args.check_token()
+        finetune_dense(task_args, data_args, model_args, train_args)
+        url = hub_args.push_as_saved(train_args.output_dir)
+        if url:
+            logging.getLogger(__name__).info(f"Pushed the {task_args.task} model to {url}")
+
+    run_command("barlow-finetune", run)
 
 
 def finetune_dense(task_args: DenseTaskArguments, data_args: DataArguments, model_args: PretrainedModelArguments,

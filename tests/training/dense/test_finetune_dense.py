@@ -136,3 +136,27 @@ def test_task_is_read_from_the_command_line_or_the_config_file(tmp_path):
     assert requested_task(["--output_dir", "x"]) is None
     (tmp_path / "run.yaml").write_text("task: semantic-segmentation\noutput_dir: x\n")
     assert requested_task(["--config", str(tmp_path / "run.yaml")]) == "semantic-segmentation"
+
+
+
+def test_push_to_hub_uploads_the_saved_detection_model(tmp_path, encoder, monkeypatch):
+    # In process, with the hub's two calls replaced: the options the classifier takes for publishing
+    # are accepted, and the upload carries the folder as saved (publish's formats are the encoder's).
+    from huggingface_hub import HfApi
+
+    from training.finetune import main
+
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw))
+                        or f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(
+        ("upload", kw["repo_id"], sorted(p.name for p in Path(kw["folder_path"]).iterdir()))))
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    data = save_scene_dataset(tmp_path / "scenes", "object-detection", train=4, validation=2)
+    out = tmp_path / "det"
+    main(["--task", "object-detection", "--model_name_or_path", str(encoder), "--dataset_name", str(data),
+          "--output_dir", str(out), "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+          "--head_config", TINY_DETR, "--push_to_hub", "--hub_model_id", "someone/barlow-detr", "--hub_private_repo"])
+    assert calls[0] == ("create", "someone/barlow-detr", {"private": True, "exist_ok": True})
+    assert calls[1] == ("upload", "someone/barlow-detr", sorted(p.name for p in out.iterdir()))
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "metrics.json"} <= set(calls[1][2])
