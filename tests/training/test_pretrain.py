@@ -20,7 +20,7 @@ from transformers import AutoModel
 import modeling_barlow.modeling_barlow_twins as modeling
 from tests.training.pretraining_inputs import TINY, digit_images, history
 from tests.cli import returning
-from training.pretrain import main
+from training.pretrain import build_model, main
 
 pretrain = returning(main, "metrics.json")
 
@@ -44,11 +44,21 @@ def test_imagefolder_stream_end_to_end(tmp_path, imagefolder):
 
 
 def test_parquet_stream_with_named_column(tmp_path, parquet_folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = tmp_path / "run"
-    metrics = pretrain(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--num_train_epochs", "2", *TINY])
+    metrics = pretrain(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--num_train_epochs", "2", *TINY,
+                        "--report_to", "tensorboard"])
     # 96 examples, batch 16: 6 steps per epoch, and epochs over a stream are well defined.
     assert metrics["global_step"] == 12 and metrics["epochs"] == 2
     assert json.loads((out / "training_args.json").read_text())["steps_per_epoch"] == 6
+    # --report_to tensorboard: TensorBoard got the logged steps, the losses of log_history.jsonl.
+    assert list((out / "barlow_twins").glob("events.out.tfevents.*"))  # the run's (its hparams in a subfolder)
+    scalars = EventAccumulator(str(out / "barlow_twins"))
+    scalars.Reload()
+    logged = {event.step: event.value for event in scalars.Scalars("train_loss")}
+    assert sorted(logged) == list(range(1, 13))
+    assert logged == pytest.approx({h["step"]: h["train_loss"] for h in history(out)}, rel=1e-6)
 
 
 def test_data_smaller_than_a_batch_stops_with_a_message(tmp_path, imagefolder, capsys):
@@ -344,30 +354,30 @@ def test_push_to_hub_without_a_token_fails_before_training(tmp_path, monkeypatch
     assert not (tmp_path / "run" / "log_history.jsonl").exists()
 
 
-def test_report_to_tensorboard_and_the_knn_monitor_options_from_the_command_line(tmp_path, parquet_folder, caplog):
+def test_the_knn_monitor_takes_k_and_temperature_from_the_command_line(tmp_path, caplog):
     import logging
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from accelerate import Accelerator
 
-    knn_data = tmp_path / "knn"  # small, so that the monitor costs little
+    from barlow_cli import parse_arguments
+    from modeling_barlow import BarlowTwinsModel
+    from training.monitor import KnnMonitor
+    from training.pretrain import ARGUMENT_TYPES
+
+    knn_data = tmp_path / "knn"
     for index, (image, label) in enumerate(digit_images(60)):
         folder = knn_data / ("train" if index < 40 else "test") / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{index}.png")
-    out = tmp_path / "run"
+    _, model_args, _, out_args, _ = parse_arguments(ARGUMENT_TYPES, [
+        "--output_dir", str(tmp_path / "run"), *TINY, "--knn_eval_dataset", str(knn_data), "--knn_k", "5",
+        "--knn_temperature", "0.5"])
+    config = build_model(model_args).config
+    monitor = KnnMonitor.create(out_args, config, Accelerator(cpu=True))
+    assert (monitor.k, monitor.temperature) == (5, 0.5)
     with caplog.at_level(logging.INFO, logger="training.monitor"):
-        metrics = pretrain(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "2",
-                            *TINY, "--report_to", "tensorboard", "--knn_eval_dataset", str(knn_data), "--knn_k", "5",
-                            "--knn_temperature", "0.5"])
-    assert "step 2: kNN top-1" in caplog.text and "(k=5, T=0.5)" in caplog.text
-    # TensorBoard got the logged steps: the same losses as log_history.jsonl, and the final kNN number.
-    assert list((out / "barlow_twins").glob("events.out.tfevents.*"))  # the run's (its hparams in a subfolder)
-    scalars = EventAccumulator(str(out / "barlow_twins"))
-    scalars.Reload()
-    logged = {event.step: event.value for event in scalars.Scalars("train_loss")}
-    assert logged == pytest.approx({h["step"]: h["train_loss"] for h in history(out)}, rel=1e-6)
-    assert sorted(logged) == [1, 2]
-    assert [(e.step, e.value) for e in scalars.Scalars("knn_top1")] == [(2, pytest.approx(metrics["knn_top1"]))]
+        top1 = monitor.evaluate(BarlowTwinsModel(config).eval(), step=7)
+    assert 0 <= top1 <= 1 and f"step 7: kNN top-1 {top1:.4f} (k=5, T=0.5)" in caplog.text
 
 
 def test_channels_last_changes_layout_not_losses(tmp_path, parquet_folder):
