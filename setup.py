@@ -3,6 +3,21 @@
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildWithModelCard(build_py):
+    """Ship the top-level model_card.md, the template barlow-publish renders, inside the hub package:
+    the checkout keeps one copy at the top, where people look for it (package_data only takes files
+    inside a package)."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install imports hub from the checkout, which reads the top-level file
+        target = Path(self.build_lib) / "hub" / "model_card.md"
+        self.mkpath(str(target.parent))
+        self.copy_file(str(Path(__file__).with_name("model_card.md")), str(target))
 
 
 setup(
@@ -14,8 +29,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_barlow", "modeling_barlow.*", "training", "training.*", "hub", "hub.*", "barlow_cli"]),
-    # The model card template that barlow-publish renders ships inside the package.
-    package_data={"hub": ["model_card.md"]},
+    cmdclass={"build_py": BuildWithModelCard},
     # Ranges up to the next major release of each; constraints.txt pins the set `make test` passed with.
     install_requires=[
         "torch>=2.4,<3",

@@ -1,6 +1,7 @@
 """Model cards for published Barlow Twins models.
 
-The card (`README.md`) is rendered from the `hub/model_card.md` template (package data) with huggingface_hub's
+The card (`README.md`) is rendered from the top-level `model_card.md` template (shipped in the `hub` package of
+a wheel) with huggingface_hub's
 `ModelCard.from_template`, so its YAML header (library, pipeline tag, tags, datasets, license,
 base model, `model-index`) is written by the hub's own serialiser. The body takes the training
 hyperparameters from the run's `training_args.json` and the results from a `barlow-eval` metrics
@@ -85,8 +86,10 @@ _LICENSE = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 
 
 def default_template_path() -> Path:
-    """`model_card.md`, the template shipped inside the `hub` package (installed or not)."""
-    return Path(str(files("hub").joinpath("model_card.md")))
+    """`model_card.md`, the template: the copy a wheel ships inside the `hub` package (setup.py puts it
+    there), else the checkout's top-level file, which an editable install or the source tree reads."""
+    shipped = Path(str(files("hub").joinpath("model_card.md")))
+    return shipped if shipped.is_file() else Path(__file__).resolve().parent.parent / "model_card.md"
 
 
 def read_eval_metrics(path: str | Path) -> dict[str, Any]:
@@ -311,7 +314,7 @@ def create_model_card(
         base_model: the hub model this one was initialised from, if any.
         training_source: replaces the sentence introducing the training table.
         notes, label_names: extra bullet points; the classifier's labels, if it has a head.
-        template_path: defaults to the `model_card.md` shipped in this package.
+        template_path: defaults to `model_card.md` (see `default_template_path`).
     """
     if not repo_id and local_dir is None:
         raise ValueError("create_model_card needs repo_id or local_dir: the usage snippets must name what to load.")

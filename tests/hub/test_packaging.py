@@ -22,7 +22,7 @@ PACKAGES = ("modeling_barlow", "training", "hub", "barlow_cli")
 def test_publish_runs_from_an_installed_wheel(tmp_path):
     source = tmp_path / "source"  # a clean copy: building in place would write build/ into the checkout
     source.mkdir()
-    for name in ("setup.py", "README.md"):
+    for name in ("setup.py", "README.md", "model_card.md", "MANIFEST.in"):
         shutil.copy(ROOT / name, source / name)
     for package in PACKAGES:
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
