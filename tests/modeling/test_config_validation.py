@@ -120,3 +120,43 @@ def test_out_features_and_indices_are_taken_and_saved_stage_names_ignored():
     assert config.out_features == ["layer2"] and config.out_indices == [2]
     config = BarlowTwinsConfig(**RESNET, out_indices=[1, 3], stage_names=["a", "b"])
     assert config.out_features == ["layer1", "layer3"] and config.stage_names[:2] == ["act1", "layer1"]
+
+
+def test_backbone_stages_are_checked_with_the_valid_ones_named():
+    config = BarlowTwinsConfig(**RESNET, out_indices=[-5, 4])
+    assert config.out_features == ["act1", "layer4"]
+    stages = ("0=act1 (64 channels, stride 2), 1=layer1 (64 channels, stride 4), 2=layer2 (128 channels, stride 8), "
+              "3=layer3 (256 channels, stride 16), 4=layer4 (512 channels, stride 32)")
+    for indices in ([5], [-6], [True]):
+        with pytest.raises(ValueError) as error:
+            BarlowTwinsConfig(**RESNET, out_indices=indices)
+        assert str(error.value) == (f"out_indices={indices} goes beyond the 5 stages of 'resnet18'; valid indices are "
+                                    f"0 to 4 (or -5 to -1): {stages}.")
+    with pytest.raises(ValueError) as error:
+        BarlowTwinsConfig(**RESNET, out_features=["layer2", "layer9", "head"])
+    assert str(error.value) == (f"out_features=['layer2', 'layer9', 'head']: 'layer9', 'head' is not a stage of "
+                                f"'resnet18'; its stages are {stages}.")
+
+
+def test_the_small_image_stem_divides_the_strides():
+    import timm
+
+    reductions = [info["reduction"] for info in timm.create_model("resnet18", features_only=True).feature_info]
+    assert reductions == [2, 4, 8, 16, 32]
+    config = BarlowTwinsConfig(**RESNET, small_image_stem=True, image_size=32)
+    # No stride-2 stem convolution and no max-pool: the stem keeps full size, the rest shrink 4x.
+    assert [stride for _, _, stride in config.feature_stages()] == [1] + [r // 4 for r in reductions[1:]] == [1, 1, 2, 4, 8]
+
+
+def test_fixed_size_backbones_check_the_size_and_one_without_img_size_keeps_its_own(monkeypatch):
+    with pytest.raises(ValueError, match="^image_size=30 is not a multiple of the patch size 16 of 'vit_tiny_patch16_224'"):
+        BarlowTwinsConfig(**VIT, image_size=30)
+    import modeling_barlow.configuration_barlow_twins as configuration
+
+    # As timm builds some models: for one input size, with no img_size argument.
+    monkeypatch.setattr(configuration, "_constructor_arguments", lambda name: frozenset({"num_classes"}))
+    assert BarlowTwinsConfig(**VIT, image_size=224).backbone_kwargs == {}
+    with pytest.raises(ValueError) as error:
+        BarlowTwinsConfig(**VIT, image_size=32)
+    assert str(error.value).startswith("'vit_tiny_patch16_224' takes 224 px inputs only: timm builds it for one input "
+                                       "size and has no img_size argument for it. Use image_size=224 (--image_size 224)")
