@@ -9,6 +9,7 @@ reason it is equivalent (REASONS below), go to benchmarks/results/mutation.json.
 
     python benchmarks/mutation.py                      # every module
     python benchmarks/mutation.py barlow_cli store     # some
+    python benchmarks/mutation.py --commit HEAD        # the last commit, not the working tree
 """
 
 from __future__ import annotations
@@ -54,17 +55,21 @@ def _setup_cfg(mutate: list[str], tests: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_module(name: str, max_children: int) -> dict:
+def run_module(name: str, max_children: int, commit: str | None = None) -> dict:
     mutate, tests = MODULES[name]
     work = WORK / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    for item in COPIED:
-        source = ROOT / item
-        if source.is_dir():
-            shutil.copytree(source, work / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, work / item)
+    if commit:  # that commit's files, not the working tree's
+        archive = subprocess.run(["git", "archive", commit, *COPIED], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(work)], input=archive.stdout, check=True)
+    else:
+        for item in COPIED:
+            source = ROOT / item
+            if source.is_dir():
+                shutil.copytree(source, work / item, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(source, work / item)
     (work / "setup.cfg").write_text(_setup_cfg(mutate, tests))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     mutmut = str(Path(sys.executable).parent / "mutmut")
@@ -85,7 +90,7 @@ def run_module(name: str, max_children: int) -> dict:
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
     scored = killed + len(survivors)
     record = {
-        "mutated": mutate, "tests": tests, "mutants": len(statuses), "statuses": counts, "killed": killed,
+        "code": commit or "working tree", "mutated": mutate, "tests": tests, "mutants": len(statuses), "statuses": counts, "killed": killed,
         "survived": len(survivors), "score": round(killed / scored, 4) if scored else None,
         "score_counting_equivalent_as_killed": round((killed + sum(m in REASONS for m in survivors)) / scored, 4)
         if scored else None,
@@ -101,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help=f"some of {', '.join(MODULES)} (default: all)")
     parser.add_argument("--max-children", type=int, default=2)
+    parser.add_argument("--commit", help="mutate this commit's code and tests (e.g. HEAD) instead of the working tree")
     args = parser.parse_args()
     unknown = sorted(set(args.modules) - set(MODULES))
     if unknown:
@@ -109,7 +115,11 @@ def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results.setdefault("tool", "mutmut 3 (benchmarks/mutation.py; `make mutate`)")
     for name in args.modules:
-        record = run_module(name, args.max_children)
+        commit = None
+        if args.commit:
+            commit = subprocess.run(["git", "rev-parse", args.commit], cwd=ROOT, capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        record = run_module(name, args.max_children, commit)
         results.setdefault("modules", {})[name] = record
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
