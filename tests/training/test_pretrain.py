@@ -216,7 +216,7 @@ def test_help_documents_every_option():
 @pytest.mark.parametrize(
     "args,message,status",
     [
-        (["--output_dir", "x", "--projector_dims", "8192-8192"], "--projector_dims", 2),
+        (["--output_dir", "x", "--projector_dims", "8192x8192"], "--projector_dims", 2),  # 8192-8192 is valid
         (["--output_dir", "x", "--optimizer", "adam"], "invalid choice", 2),
         (["--projector_dims", "64"], "--output_dir is required", 2),
         (["--output_dir", "x", "--train_dir", "/no/such/folder"], "/no/such/folder", 1),
