@@ -37,26 +37,27 @@ def installed_version(name: str) -> str | None:
         return None
 
 
-def junit_outcomes(junit: Path) -> tuple[dict[str, int], list[str], float]:
-    """(counts of passed/failed/errors/skipped, the failing tests by node id, pytest's time in s)."""
+def junit_outcomes(junit: Path) -> tuple[dict[str, int], list[str], float, str | None]:
+    """(counts of passed/failed/errors/skipped, the failing tests by node id, pytest's time in s, when
+    it started).
+
+    The counts are the testsuite totals pytest writes, the numbers of its summary line with each of
+    transformers' subtests counted as a test (the xml has no testcase element for every test)."""
     root = ElementTree.parse(junit).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    failing = []
-    for case in root.iter("testcase"):
-        kinds = {child.tag for child in case}
-        node = f"{case.get('classname', '')}::{case.get('name', '')}"
-        if "failure" in kinds:
-            counts["failed"] += 1
-            failing.append(node)
-        elif "error" in kinds:
-            counts["errors"] += 1
-            failing.append(node)
-        elif "skipped" in kinds:
-            counts["skipped"] += 1
-        else:
-            counts["passed"] += 1
-    return counts, failing, sum(float(suite.get("time", 0)) for suite in suites)
+    total = {key: sum(int(suite.get(key, 0)) for suite in suites) for key in ("tests", "failures", "errors", "skipped")}
+    counts = {
+        "passed": total["tests"] - total["failures"] - total["errors"] - total["skipped"],
+        "failed": total["failures"],
+        "errors": total["errors"],
+        "skipped": total["skipped"],
+    }
+    failing = [
+        f"{case.get('classname', '')}::{case.get('name', '')}"
+        for case in root.iter("testcase")
+        if any(child.tag in ("failure", "error") for child in case)
+    ]
+    return counts, failing, sum(float(suite.get("time", 0)) for suite in suites), suites[0].get("timestamp")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,13 +69,17 @@ def main(argv: list[str] | None = None) -> None:
 
     locked = locked_versions(args.constraints)
     versions = {name: {"tried": installed_version(name), "locked": pin} for name, pin in locked.items()}
-    newer = sorted(name for name, v in versions.items() if v["tried"] != v["locked"])
-    counts, failing, seconds = junit_outcomes(args.junit)
+    # Extras outside the suite (mutation testing) are locked but not installed for it.
+    not_installed = sorted(name for name, v in versions.items() if v["tried"] is None)
+    newer = sorted(name for name, v in versions.items() if v["tried"] not in (None, v["locked"]))
+    counts, failing, seconds, started = junit_outcomes(args.junit)
     record = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "pytest_started": started,
         "python": platform.python_version(),
         "versions": versions,
         "differ_from_locked": newer,
+        "not_installed": not_installed,
         "tests": counts,
         "failing": failing,
         "pytest_seconds": round(seconds, 1),
