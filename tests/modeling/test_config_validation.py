@@ -145,7 +145,8 @@ def test_the_small_image_stem_divides_the_strides():
     assert reductions == [2, 4, 8, 16, 32]
     config = BarlowTwinsConfig(**RESNET, small_image_stem=True, image_size=32)
     # No stride-2 stem convolution and no max-pool: the stem keeps full size, the rest shrink 4x.
-    assert [stride for _, _, stride in config.feature_stages()] == [1] + [r // 4 for r in reductions[1:]] == [1, 1, 2, 4, 8]
+    strides = [stride for _, _, stride in config.feature_stages()]
+    assert strides == [1] + [r // 4 for r in reductions[1:]] == [1, 1, 2, 4, 8] and all(type(s) is int for s in strides)
 
 
 def test_fixed_size_backbones_check_the_size_and_one_without_img_size_keeps_its_own(monkeypatch):
