@@ -38,7 +38,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                       ["tests/modeling/test_config.py", "tests/modeling/test_config_validation.py"]),
     # test_loss.py runs the multi-process branches on a one-process gloo group.
     "distributed": (["modeling_barlow/distributed.py"],
-                    ["tests/modeling/test_global_batchnorm.py", "tests/modeling/test_loss.py"]),
+                    ["tests/modeling/test_global_batchnorm.py", "tests/modeling/test_global_batchnorm_one_process.py",
+                     "tests/modeling/test_loss.py"]),
 }
 
 # Survivors that are equivalent mutants (the edit changes no behaviour), by mutmut's name, with why.
