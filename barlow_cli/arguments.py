@@ -13,6 +13,8 @@ from typing import Any, NoReturn
 import yaml
 from transformers import HfArgumentParser
 
+from .command import EXIT_USAGE
+
 __all__ = ["parse_arguments", "read_config_file"]
 
 
@@ -42,6 +44,15 @@ def _is_string_field(annotation: Any) -> bool:
     return annotation is str or str(annotation).replace(" ", "") in ("str", "str|None", "Optional[str]")
 
 
+class _CommandParser(HfArgumentParser):
+    """HfArgumentParser whose usage errors are two lines, a short usage and the error, instead of
+    argparse's usage of every option (dozens of lines that bury the one that matters); `--help`
+    still lists them all."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"usage: {self.prog} [-h] ... (--help lists every option)\n{self.prog}: error: {message}\n")
+
+
 def parse_arguments(
     dataclass_types: tuple[type, ...], argv: list[str] | None = None, description: str | None = None
 ) -> tuple[Any, ...]:
@@ -50,7 +61,7 @@ def parse_arguments(
     A bad value, or a ValueError from a dataclass's `__post_init__`, exits with argparse's usage
     error (status 2) and one line, never a traceback. `--config FILE` values come first; options
     given on the command line win."""
-    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _CommandParser(dataclass_types, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML or JSON file of options; command-line options win.")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -15,12 +15,13 @@ from typing import Any
 __all__ = ["CommandFailed", "UsageError", "run_command", "setup_logging", "EXIT_FAILED", "EXIT_USAGE"]
 
 EXIT_FAILED = 1  # the run failed, or was stopped (a signal, non-finite losses)
-EXIT_USAGE = 2  # argparse's status: an option to change before running again
+EXIT_USAGE = 2  # argparse's status: an option or input to change before running again
 
 
 class UsageError(ValueError):
-    """An option that cannot work (a file given as the output folder, a batch below 2, ...):
-    exit status 2, as argparse gives for a malformed option."""
+    """An option or input that cannot work (a file given as the output folder, a batch below 2, a
+    file that is no checkpoint, a dataset without the split asked for, ...): exit status 2, as
+    argparse gives for a malformed option."""
 
 
 class CommandFailed(RuntimeError):
@@ -30,6 +31,10 @@ class CommandFailed(RuntimeError):
 # Errors whose message is the whole answer: bad input found while running (a missing file, an
 # unreadable checkpoint, an unknown split) rather than a bug, which keeps its traceback.
 _EXPECTED_ERRORS: tuple[type[BaseException], ...] = (CommandFailed, ValueError, OSError)
+# Errors that name something to change before running again, hence status 2: a UsageError, and a
+# path that does not exist (every path a command opens comes from its options: a model folder,
+# --train_dir, --checkpoint, ...), whichever library found it missing.
+_INPUT_ERRORS: tuple[type[BaseException], ...] = (UsageError, FileNotFoundError)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -41,7 +46,8 @@ def run_command(prog: str, body: Callable[[], Any], *, expected: tuple[type[Base
     """Run ``body()`` and exit the way shell scripts and schedulers read it.
 
     Returns normally on success (status 0; ``body``'s result is discarded). Exits with status 2
-    on a :class:`UsageError`, and with status 1 on any other expected error (``ValueError``,
+    on a :class:`UsageError` or a ``FileNotFoundError`` (an option or input to change), and with
+    status 1 on any other expected error (``ValueError``,
     ``OSError``, :class:`CommandFailed` and ``expected``) or Ctrl-C, printing
     ``"{prog}: error: {message}"`` on one line instead of a traceback. A command that fails leaves
     no empty output folder of its own making behind."""
@@ -49,7 +55,7 @@ def run_command(prog: str, body: Callable[[], Any], *, expected: tuple[type[Base
 
     try:
         body()
-    except UsageError as error:
+    except _INPUT_ERRORS as error:
         remove_empty_folders_made()
         _exit(prog, error, EXIT_USAGE)
     except (*_EXPECTED_ERRORS, *expected) as error:

@@ -30,7 +30,7 @@ import timm
 import torch
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining, BarlowTwinsModel, BarlowTwinsPreTrainedModel
-from barlow_cli import parse_arguments, run_command, setup_logging
+from barlow_cli import UsageError, parse_arguments, run_command, setup_logging
 
 from .export import EXPORT_FORMATS, ExportResult
 from .publish import prepare_output_folder, write_repository
@@ -74,17 +74,17 @@ def load_official_checkpoint(path: str | Path) -> Any:
         detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)", str(error))
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if found:
-            raise ValueError(
+            raise UsageError(
                 f"Refusing {file}: it is not a weights-only file (it needs unpickling of arbitrary Python objects, "
                 f"here {found[1]}, which can run code). The authors' files load weights-only. If you trust this "
                 f"file, re-save just its tensors (e.g. its state dict) and convert that."
             ) from None
         reason = detail[1].strip() if detail else str(error).splitlines()[0]
-        raise ValueError(f"{file} is not a readable PyTorch checkpoint ({reason}).") from None
+        raise UsageError(f"{file} is not a readable PyTorch checkpoint ({reason}).") from None
     except Exception as error:  # noqa: BLE001 - torch's legacy reader fails in many ways on other files
         # (a text file raises KeyError on its first byte): none of them is a checkpoint.
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"{file} is not a readable PyTorch checkpoint ({type(error).__name__}: {reason}).") from None
+        raise UsageError(f"{file} is not a readable PyTorch checkpoint ({type(error).__name__}: {reason}).") from None
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -103,10 +103,10 @@ def _match_resnet(state_dict: dict[str, torch.Tensor]) -> str:
         if expected.keys() == state_dict.keys() and all(expected[k].shape == state_dict[k].shape for k in expected):
             return name
     if any(key.startswith("fc.") for key in state_dict):
-        raise ValueError(
+        raise UsageError(
             f"This ResNet state dict has a classifier (fc.*); the authors' backbone file has none. {_EXPECTED}"
         )
-    raise ValueError(f"The state dict is not a torchvision ResNet ({', '.join(RESNETS)}) backbone. {_EXPECTED}")
+    raise UsageError(f"The state dict is not a torchvision ResNet ({', '.join(RESNETS)}) backbone. {_EXPECTED}")
 
 
 def _release_config(backbone: str, projector_dims: list[int] | None = None) -> BarlowTwinsConfig:
@@ -132,7 +132,7 @@ def _split_full_checkpoint(model_state: dict[str, torch.Tensor]) -> tuple[dict, 
             unknown.append(key)
     if unknown or not backbone or not projector:
         shown = ", ".join(unknown[:5]) or "no backbone.* or projector.* keys"
-        raise ValueError(f"The checkpoint's model is not the authors' Barlow Twins module ({shown}). {_EXPECTED}")
+        raise UsageError(f"The checkpoint's model is not the authors' Barlow Twins module ({shown}). {_EXPECTED}")
     return backbone, projector, dropped
 
 
@@ -143,9 +143,9 @@ def _projector_dims(projector: dict[str, torch.Tensor], in_features: int) -> lis
         int(m[1]) for key in projector if (m := re.fullmatch(r"(\d+)\.weight", key)) and projector[key].ndim == 2
     )
     if not linear or linear != list(range(0, 3 * len(linear), 3)):
-        raise ValueError(f"Unexpected projector layout (linear layers at {linear}). {_EXPECTED}")
+        raise UsageError(f"Unexpected projector layout (linear layers at {linear}). {_EXPECTED}")
     if projector["0.weight"].shape[1] != in_features:
-        raise ValueError(
+        raise UsageError(
             f"The projector takes {projector['0.weight'].shape[1]} features, but the backbone gives {in_features}."
         )
     return [int(projector[f"{index}.weight"].shape[0]) for index in linear]
@@ -167,7 +167,7 @@ def official_to_model(checkpoint: Any) -> tuple[BarlowTwinsPreTrainedModel, list
         try:
             model.projector.load_state_dict(projector, strict=True)
         except RuntimeError as error:
-            raise ValueError(f"The projector's weights do not fit widths {dims}: {error}. {_EXPECTED}") from None
+            raise UsageError(f"The projector's weights do not fit widths {dims}: {error}. {_EXPECTED}") from None
         if dropped:
             notes.append(
                 f"Dropped the final affine-free BatchNorm ({', '.join(dropped)}): it has no weights, and the loss "
@@ -187,7 +187,7 @@ def official_to_model(checkpoint: Any) -> tuple[BarlowTwinsPreTrainedModel, list
         found = type(checkpoint).__name__
         if isinstance(checkpoint, dict):
             found = f"a dict with keys {sorted(map(str, checkpoint))[:8]}"
-        raise ValueError(f"Unrecognised checkpoint: found {found}. {_EXPECTED}")
+        raise UsageError(f"Unrecognised checkpoint: found {found}. {_EXPECTED}")
     for note in notes:
         logger.info(note)
     return model.eval(), notes
@@ -205,13 +205,13 @@ def convert_checkpoint(
     `pretraining/`) and `"encoder"` for the backbone file, which has no projector.
     """
     if format is not None and format not in EXPORT_FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}.")
+        raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}.")
     model, notes = official_to_model(load_official_checkpoint(checkpoint))
     has_projector = isinstance(model, BarlowTwinsForPreTraining)
     if format is None:
         format = "both" if has_projector else "encoder"
     if format != "encoder" and not has_projector:
-        raise ValueError(
+        raise UsageError(
             f"--format {format} needs the projector, which only the full training checkpoint has; use --format encoder."
         )
     folder = prepare_output_folder(output_dir, overwrite=overwrite_output_dir, option="--output_dir")
@@ -247,12 +247,12 @@ class ConvertArguments:
 
     def __post_init__(self):
         if not self.checkpoint or not self.output_dir:
-            raise ValueError("--checkpoint and --output_dir are required.")
+            raise UsageError("--checkpoint and --output_dir are required.")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The `barlow-convert` command: bad options exit with code 2, refused or unrecognised files
-    with code 1, both with a message instead of a traceback."""
+    """The `barlow-convert` command: bad options and refused or unrecognised files exit with code 2
+    (something to change), failures with code 1, each with a message instead of a traceback."""
     (args,) = parse_arguments((ConvertArguments,), argv, description=__doc__)
     setup_logging()
 

@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from barlow_cli import UsageError
 from modeling_barlow import (
     BarlowTwinsConfig,
     BarlowTwinsForImageClassification,
@@ -107,7 +108,7 @@ def load_barlow_model(model_or_folder: BarlowTwinsPreTrainedModel | str | Path) 
         hint = ""
         if any(folder.glob("checkpoint-*")):
             hint = " It holds training checkpoints only; the model is saved in the output folder when the run ends."
-        raise ValueError(
+        raise UsageError(
             f"{folder} is not a saved model folder (no config.json). Give the output_dir of barlow-pretrain "
             f"or a folder written by save_pretrained.{hint}"
         )
@@ -120,7 +121,7 @@ def load_barlow_model(model_or_folder: BarlowTwinsPreTrainedModel | str | Path) 
             what = "a timm-format folder (already exported; upload it as it is)"
         else:
             what = f"model_type {config.get('model_type')!r}" if isinstance(config, dict) else "not a model config"
-        raise ValueError(f"{folder} is not a Barlow Twins model folder (model_type 'barlow_twins'): it is {what}.")
+        raise UsageError(f"{folder} is not a Barlow Twins model folder (model_type 'barlow_twins'): it is {what}.")
     architecture = (config.get("architectures") or ["BarlowTwinsForPreTraining"])[0]
     if architecture not in _MODEL_CLASSES:
         raise ValueError(

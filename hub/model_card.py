@@ -23,6 +23,8 @@ import timm
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from barlow_cli import UsageError
+
 from .timm_format import timm_incompatibility
 
 
@@ -93,7 +95,7 @@ def default_template_path() -> Path:
 
 
 def read_eval_metrics(path: str | Path) -> dict[str, Any]:
-    """Read a `barlow-eval` metrics JSON. Raises `ValueError` for a file that is not a JSON object,
+    """Read a `barlow-eval` metrics JSON. Raises `UsageError` (a `ValueError`) for a file that is not a JSON object,
     or whose `*_top1` / `*_top5` values are not fractions in [0, 1]."""
     file = Path(path)
     if not file.is_file():
@@ -101,11 +103,11 @@ def read_eval_metrics(path: str | Path) -> dict[str, Any]:
     try:
         metrics = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"--eval_results {file} is not valid JSON: {error}") from None
+        raise UsageError(f"--eval_results {file} is not valid JSON: {error}") from None
     if isinstance(metrics, dict) and isinstance(metrics.get("metrics"), dict):
         metrics = {**{k: v for k, v in metrics.items() if k != "metrics"}, **metrics["metrics"]}
     if not isinstance(metrics, dict):
-        raise ValueError(f'--eval_results {file} must hold a JSON object such as {{"linear_top1": 0.73}}.')
+        raise UsageError(f'--eval_results {file} must hold a JSON object such as {{"linear_top1": 0.73}}.')
     _check_metric_values(metrics, str(file))
     if not any(_METRIC.match(key) for key in metrics):
         logger.warning(f"{file} has no *_top1 or *_top5 results (expected keys like linear_top1, knn_top1).")

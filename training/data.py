@@ -24,6 +24,8 @@ import numpy as np
 from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 
+from barlow_cli import UsageError
+
 from .collate import decode_image
 
 __all__ = [
@@ -171,7 +173,8 @@ def load_held_out_split(
     split: str | None = None,
 ) -> tuple[AnyDataset, str]:
     """``(dataset, split name)`` of the held-out split: ``split`` when given, else 'validation',
-    else 'test'. Raises ValueError when there is none (the message says which were tried)."""
+    else 'test'. Raises UsageError (a ValueError) when there is none (the message says which were
+    tried)."""
     names = [split] if split else list(HELD_OUT_SPLITS)
     error: Exception | None = None
     for name in names:
@@ -179,9 +182,10 @@ def load_held_out_split(
             return load_image_dataset(dataset_name, dataset_config_name, name, train_dir, streaming, cache_dir), name
         except (ValueError, KeyError) as err:
             error = err
+    # An option or input to change (status 2): another --eval_split, or a dataset with that split.
     if split:
-        raise ValueError(f"Cannot load the evaluation split {split!r}: {error}")
-    raise ValueError(f"The dataset has no 'validation' or 'test' split ({error}); pass --eval_split.")
+        raise UsageError(f"Cannot load the evaluation split {split!r}: {error}")
+    raise UsageError(f"The dataset has no 'validation' or 'test' split ({error}); pass --eval_split.")
 
 
 # ---------------------------------------------------------------------------------------- columns
@@ -256,7 +260,7 @@ def resolve_label_column(dataset: AnyDataset, label_column: str | None = None) -
     columns = column_names(dataset)
     if label_column is not None:
         if label_column not in columns:
-            raise ValueError(f"Label column {label_column!r} not found; the dataset has columns {columns}")
+            raise UsageError(f"Label column {label_column!r} not found; the dataset has columns {columns}")
         return label_column
     found = [n for n, f in (dataset.features or {}).items() if isinstance(f, datasets.ClassLabel)]
     return next(iter(found + [n for n in _LABEL_COLUMN_NAMES if n in columns]), None)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from barlow_cli import UsageError
+
 from .collate import LabelledCollator
 from .data import (
     DEFAULT_DATASET_NAME,
@@ -236,7 +238,7 @@ def load_labelled_data(data_args, supervised_args) -> LabelledData:
     label_column = resolve_label_column(train, supervised_args.label_column)
     if label_column is None:
         columns = list(train.features) if train.features is not None else train.column_names
-        raise ValueError(f"No label column (no ClassLabel feature, none of label/labels/cls); the dataset has columns "
+        raise UsageError(f"No label column (no ClassLabel feature, none of label/labels/cls); the dataset has columns "
                          f"{columns}. Pass --label_column.")
     resolve_label_column(held_out, label_column)  # the held-out split must have it too
     data = LabelledData(

@@ -22,6 +22,7 @@ from transformers import (
     AutoModelForImageClassification,
 )
 
+from barlow_cli import UsageError
 from modeling_barlow import BarlowTwinsConfig, create_image_processor
 
 from .augment import supervised_train_transform
@@ -166,7 +167,7 @@ def _check_no_missing(name: str, info: dict, allowed) -> None:
 
 def _check_image_model(name: str, model: nn.Module) -> None:
     if getattr(model, "main_input_name", None) != "pixel_values":
-        raise ValueError(
+        raise UsageError(
             f"{name} is a {model.config.model_type} model that does not take images; give a barlow-pretrain output "
             "folder, a saved Barlow Twins encoder or another image model."
         )
@@ -189,7 +190,7 @@ def _model_directory(name: str) -> tuple[Path, bool]:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ValueError(
+            raise UsageError(
                 f"{name} is not a model folder (no config.json): give a barlow-pretrain output folder, a saved "
                 "encoder or classifier folder, or a hub id."
             )
@@ -233,7 +234,7 @@ def load_model_source(name: str, random_init: bool = False, seed: int = 42) -> M
         try:
             processor = AutoImageProcessor.from_pretrained(name)
         except (OSError, ValueError, KeyError) as error:
-            raise ValueError(
+            raise UsageError(
                 f"{name} ({config.model_type}) has no image processor (preprocessor_config.json), so its preprocessing "
                 f"is unknown: {error}"
             ) from error

@@ -153,7 +153,7 @@ def test_unreadable_and_missing_queries_and_an_empty_index(digit_index, barlow_m
     (tmp_path / "bad.png").write_bytes(b"not an image at all")
     for query, expected in ((tmp_path / "bad.png", "not a readable image"), (tmp_path / "none.png", "no such file")):
         result = run_cli("barlow-search", "--index_dir", str(digit_index), "--query", str(query))
-        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.returncode == 2 and "Traceback" not in result.stderr  # a query to change (1 before #35)
         assert f"Query {query}: {expected}" in result.stderr.strip().splitlines()[-1]
     corrupt = tmp_path / "corrupt" / "a"
     corrupt.mkdir(parents=True)

@@ -179,17 +179,18 @@ def test_bad_input_exits_with_a_message_not_a_traceback(run_dir, tmp_path, capsy
     code, err = cli_error(capsys, ["--model_dir", str(run_dir), "--repo_id", "not/a/repo", "--local_dir", repo])
     assert code == 2 and "--repo_id" in err
     code, err = cli_error(capsys, ["--model_dir", str(tmp_path / "missing"), "--local_dir", repo])
-    assert code == 1 and "no such folder" in err
+    # Inputs to change, status 2 (1 before #35): a missing folder, one of another model, a bad JSON.
+    assert code == 2 and "no such folder" in err
     not_barlow = tmp_path / "not_barlow"
     not_barlow.mkdir()
     (not_barlow / "config.json").write_text(json.dumps({"model_type": "vit"}))
     code, err = cli_error(capsys, ["--model_dir", str(not_barlow), "--local_dir", repo])
-    assert code == 1 and "not a Barlow Twins model" in err
+    assert code == 2 and "not a Barlow Twins model" in err
     (tmp_path / "eval.json").write_text('{"linear_top1": 0.7,')
     code, err = cli_error(
         capsys, ["--model_dir", str(run_dir), "--local_dir", repo, "--eval_results", str(tmp_path / "eval.json")]
     )
-    assert code == 1 and "not valid JSON" in err
+    assert code == 2 and "not valid JSON" in err
     code, err = cli_error(capsys, ["--model_dir", str(run_dir), "--local_dir", str(run_dir)])
     assert code == 2 and "separate folder" in err  # an option to change: a usage error
     for text in (err,):

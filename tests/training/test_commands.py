@@ -190,8 +190,11 @@ def test_a_failed_command_leaves_no_empty_folder_of_its_own_making(tmp_path):
     for command in ("barlow-finetune", "barlow-eval"):
         for folder in (tmp_path / command / "new" / "run", existing):
             result = script(command, "--model_name_or_path", missing_model, "--output_dir", folder)
-            assert result.returncode == FAILED and "does not exist" in result.stderr, result.stderr[-2000:]
+            # A model folder that does not exist is an input to change: status 2 (it was 1 before #35).
+            assert result.returncode == USAGE, result.stderr[-2000:]
+            assert result.stderr.strip().splitlines()[-1] == f"{command}: error: Model folder {missing_model} does not exist."
             _no_traceback(result)
+            assert len(result.stderr.strip().splitlines()) <= 8, result.stderr[-2000:]
         # The folders it made (all three levels) went with the failure; the one that was there stayed.
         assert not (tmp_path / command).exists() and existing.is_dir()
 
@@ -268,8 +271,10 @@ def test_convert_refuses_a_file_that_is_no_checkpoint(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello, this is not a checkpoint\n")
     result = script("barlow-convert", "--checkpoint", text, "--output_dir", tmp_path / "out")
-    assert result.returncode == FAILED and f"{text} is not a readable PyTorch checkpoint" in result.stderr
+    # None of the authors' formats: a file to change, status 2 (it was 1 before #35).
+    assert result.returncode == USAGE and f"{text} is not a readable PyTorch checkpoint" in result.stderr
     _no_traceback(result)
+    assert len(result.stderr.strip().splitlines()) <= 8, result.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 
 

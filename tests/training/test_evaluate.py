@@ -313,7 +313,8 @@ def test_plain_integer_label_column(tmp_path, random_encoder, parquet_without_cl
     with pytest.raises(SystemExit) as error:
         evaluate(common)
     message = capsys.readouterr().err
-    assert error.value.code == 1 and "No label column" in message and "['img', 'digit', 'word']" in message
+    # An option to change (--label_column): status 2 (1 before #35).
+    assert error.value.code == 2 and "No label column" in message and "['img', 'digit', 'word']" in message
     results = evaluate([*common, "--label_column", "digit"])
     assert results["num_classes"] == 10 and results["eval_split"] == "test"
     assert results["num_train_examples"] == 60 and results["num_eval_examples"] == 30
@@ -370,7 +371,10 @@ def test_bad_input_ends_with_a_message(tmp_path, random_encoder, case, message, 
     with pytest.raises(SystemExit) as error:
         evaluate(["--model_name_or_path", model, "--output_dir", str(tmp_path / "out"), "--no_cache_features", *extra])
     err = capsys.readouterr().err
-    assert error.value.code == 1 and err.strip().splitlines()[-1].startswith("barlow-eval: error:") and "Traceback" not in err
+    # Status 2 for an input to change (a folder or hub id that is not there or not an image model, a
+    # split or column the data lacks; 1 before #35); 1 for a model of the right kind that fails to load.
+    status = 1 if case == "mismatched_weights" else 2
+    assert error.value.code == status and err.strip().splitlines()[-1].startswith("barlow-eval: error:") and "Traceback" not in err
     assert message in err
 
 
@@ -387,7 +391,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
          "--output_dir", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    assert result.returncode == 1  # failed (the model is missing), not a usage error
+    assert result.returncode == 2  # a model folder that is not there: an input to change (1 before #35)
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -113,12 +113,13 @@ def test_bad_input_ends_with_a_message(tmp_path, encoder, named_imagefolder, cap
         finetune(["--model_name_or_path", str(encoder), "--dataset_name", str(named_imagefolder),
                   "--output_dir", str(tmp_path / "out"), "--label_column", "digit"])
     err = capsys.readouterr().err
-    assert error.value.code == 1
+    assert error.value.code == 2  # an option to change, --label_column (1 before #35)
     assert "Label column 'digit' not found; the dataset has columns ['image', 'label']" in err
     with pytest.raises(SystemExit) as error:
         finetune(["--model_name_or_path", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert error.value.code == 1 and err.strip().splitlines()[-1].startswith("barlow-finetune: error:") and "does not exist" in err
+    # A model folder that is not there: an input to change (1 before #35).
+    assert error.value.code == 2 and err.strip().splitlines()[-1].startswith("barlow-finetune: error:") and "does not exist" in err
 
 
 def test_help_documents_the_options(capsys):

@@ -56,7 +56,7 @@ def resolve_mask_column(dataset, image_column: str, mask_column: str | None = No
     named = [n for n in MASK_COLUMN_NAMES if n in columns and n != image_column]
     found = images + named
     if not found:
-        raise ValueError(
+        raise UsageError(
             f"The dataset has no segmentation masks: semantic-segmentation needs, besides the image column "
             f"{image_column!r}, a mask column (an image of one class id per pixel, such as 'annotation' or 'label' in "
             f"HF's semantic-segmentation guide). It has columns {columns}; pass --mask_column."
@@ -76,7 +76,7 @@ def resolve_objects_column(dataset, objects_column: str | None = None) -> str:
     columns = _columns(dataset)
     name = objects_column or "objects"
     if name not in columns:
-        raise ValueError(
+        raise UsageError(
             f"The dataset has no boxes: object-detection needs an {name!r} column holding, per image, 'bbox' (one box "
             f"per object) and 'category' (its class id), as in HF's object-detection guide. It has columns {columns}"
             + ("; pass --objects_column." if objects_column is None else ".")

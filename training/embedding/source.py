@@ -11,6 +11,8 @@ from typing import Any
 
 from PIL import Image as PILImage
 
+from barlow_cli import UsageError
+
 from ..collate import decode_image
 from ..data import load_image_dataset
 
@@ -18,17 +20,17 @@ __all__ = ["SourceImages", "read_query_images"]
 
 
 def read_query_images(images: Sequence[Any], mode: str = "RGB") -> list[PILImage.Image]:
-    """Decode each query (a path or a PIL image) to ``mode``. ValueError naming a query that is
-    missing or cannot be read as an image."""
+    """Decode each query (a path or a PIL image) to ``mode``. UsageError (a ValueError: a query to
+    change) naming a query that is missing or cannot be read as an image."""
     if not images:
         raise ValueError("No query image given.")
     decoded = []
     for image in images:
         if isinstance(image, (str, os.PathLike)) and not Path(image).is_file():
-            raise ValueError(f"Query {image}: no such file.")
+            raise UsageError(f"Query {image}: no such file.")
         result = decode_image(image, mode)
         if result is None:
-            raise ValueError(f"Query {image}: not a readable image (corrupt, truncated or not an image file).")
+            raise UsageError(f"Query {image}: not a readable image (corrupt, truncated or not an image file).")
         decoded.append(result)
     return decoded
 
