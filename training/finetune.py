@@ -1,7 +1,7 @@
 """Fine-tune a pretrained encoder as an image classifier, with Accelerate.
 
-    accelerate launch -m training.finetune --model_name_or_path out --dataset_name <id or folder> --output_dir clf
     barlow-finetune --model_name_or_path out --output_dir clf        # scikit-learn's digits, offline
+    accelerate launch --quiet -m training.finetune --model_name_or_path out --dataset_name <id or folder> --output_dir clf
 
 The model is `BarlowTwinsForImageClassification` for a Barlow Twins folder (pretraining, encoder
 or classifier), or whatever `AutoModelForImageClassification` loads. Training images get random
