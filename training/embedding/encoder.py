@@ -26,6 +26,8 @@ import torch
 from PIL import Image as PILImage
 from torch import nn
 
+from barlow_cli import UsageError
+
 from ..collate import decode_image
 from ..model_source import load_model_source
 
@@ -74,7 +76,8 @@ class ImageEncoder:
             output = self.module(pixel_values)
         pooled = self._pooled(output)
         if not isinstance(pooled, torch.Tensor):
-            raise ValueError(f"{self.name} returns no pooled output (pooler_output is None). {WORKING_MODELS}.")
+            # A model to change (status 2), as the message's list of working models says.
+            raise UsageError(f"{self.name} returns no pooled output (pooler_output is None). {WORKING_MODELS}.")
         return pooled.flatten(1).float()
 
     def embed_images(self, images: Sequence[PILImage.Image], batch_size: int = 64) -> torch.Tensor:

@@ -20,6 +20,8 @@ from typing import Any
 
 import datasets
 
+from barlow_cli import UsageError
+
 from ..data import column_names, count_examples, load_image_dataset, prepare_stream, resolve_image_column, resolve_label_column
 
 __all__ = ["EmbeddingSource", "INDEX_COLUMN", "PATH_COLUMN", "keyed_stream", "open_source"]
@@ -94,16 +96,16 @@ def open_source(data_args, keep_columns: Sequence[str] = ()) -> EmbeddingSource:
     keep = [c for c in dict.fromkeys(keep_columns) if c != label_column]
     missing = [c for c in keep if c not in present]
     if missing:
-        raise ValueError(f"--keep_columns {' '.join(missing)}: not in the dataset, whose columns are {present}.")
+        raise UsageError(f"--keep_columns {' '.join(missing)}: not in the dataset, whose columns are {present}.")
     if image_column in keep:
-        raise ValueError(f"--keep_columns {image_column}: the images are not stored beside their embeddings; "
+        raise UsageError(f"--keep_columns {image_column}: the images are not stored beside their embeddings; "
                          "the index keeps their id or path instead.")
     root = _local_root(data_args)
     path = _first_image_path(dataset, image_column) if root is not None else None
     key = "path" if path is not None and os.path.isfile(path) and Path(path).resolve().is_relative_to(root) else "id"
     clash = [c for c in keep if c in ("embedding", key)]
     if clash:
-        raise ValueError(f"--keep_columns {clash[0]}: the output has its own {clash[0]!r} column; rename the source's.")
+        raise UsageError(f"--keep_columns {clash[0]}: the output has its own {clash[0]!r} column; rename the source's.")
     count = count_examples(dataset, data_args.train_split)
     if data_args.max_train_samples is not None and count is not None:
         count = min(count, data_args.max_train_samples)
