@@ -4,7 +4,7 @@ Both `training` and `hub` build their commands on this package; it imports neith
 
 * :func:`parse_arguments`: dataclasses of options -> instances, with `--config FILE`.
 * :func:`run_command`: runs a command's body and turns its outcome into the exit status:
-  0 on success, 1 when it failed or was stopped, 2 for a usage error, each with one line on
+  0 on success, 1 when it failed or was stopped, 2 for an option or input to change, each with one line on
   stderr and no traceback.
 * :func:`prepare_output_dir`: the output-folder policy of HF's trainers: refuse a folder that
   holds an earlier run unless told to overwrite or resume it.

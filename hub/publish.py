@@ -312,7 +312,7 @@ def _http_error_message(error: HfHubHTTPError, repo_id: str, revision: str | Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The `barlow-publish` command. Bad options exit with code 2, failures with code 1, both
+    """The `barlow-publish` command. Bad options and inputs exit with code 2, failures with code 1, both
     with a one-line message instead of a traceback."""
     (args,) = parse_arguments((PublishArguments,), argv, description=__doc__)
     setup_logging()

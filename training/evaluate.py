@@ -18,7 +18,7 @@ per-seed values (`per_seed`).
 * semi: the whole network fine-tuned on class-balanced fractions of the labels (chosen with
   `--seed`), backbone and head with their own learning rates.
 
-Exit status: 0 done, 1 failed, 2 usage error.
+Exit status: 0 done, 1 failed, 2 an option or input to change.
 """
 
 from __future__ import annotations

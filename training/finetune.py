@@ -10,7 +10,7 @@ folder loads in transformers' `image-classification` pipeline, with the dataset'
 `id2label`.
 
 Writes the classifier, its image processor, metrics.json and log_history.jsonl into
---output_dir. Exit status: 0 done, 1 failed, 2 usage error.
+--output_dir. Exit status: 0 done, 1 failed, 2 an option or input to change.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ projector); the loss pushes the cross-correlation matrix of their embeddings to 
 The output folder holds the model (`from_pretrained`, the feature-extraction pipeline), its image
 processor, metrics.json, log_history.jsonl and a plot of C; checkpoints with
 --checkpointing_steps. SIGTERM or Ctrl-C stops after the current step with a checkpoint, and
-prints the command that resumes. Exit status: 0 done, 1 failed or stopped, 2 usage error.
+prints the command that resumes. Exit status: 0 done, 1 failed or stopped, 2 an option or input to change.
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ def embed(args: EmbeddingArguments, data_args: DataArguments) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The barlow-embed command: 0 on success, 1 when it failed, 2 for a usage error."""
+    """The barlow-embed command: 0 on success, 1 when it failed, 2 for an option or input to change."""
     args, data_args = parse_arguments((EmbeddingArguments, EmbeddingDataArguments), argv, description=__doc__)
     setup_logging()
     run_command(PROG, lambda: embed(args, data_args))

@@ -136,7 +136,7 @@ def search(args: SearchArguments) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The barlow-search command: 0 on success, 1 when it failed, 2 for a usage error."""
+    """The barlow-search command: 0 on success, 1 when it failed, 2 for an option or input to change."""
     (args,) = parse_arguments((SearchArguments,), argv, description=__doc__)
     setup_logging()
     run_command(PROG, lambda: search(args))
