@@ -123,6 +123,7 @@ def test_option_errors_are_usage_errors_with_one_line(tmp_path, capsys):
 # -------------------------------------------------------------------------------- exit statuses
 @pytest.mark.parametrize("error, status, message", [
     (UsageError("bad --thing"), EXIT_USAGE, "bad --thing"),
+    (FileNotFoundError("Model folder no-model does not exist."), EXIT_USAGE, "Model folder no-model does not exist."),
     (ValueError("no such split\n  'dev'\n"), EXIT_FAILED, "no such split 'dev'"),
     (OSError("disk full"), EXIT_FAILED, "disk full"),
     (CommandFailed("stopped by SIGTERM"), EXIT_FAILED, "stopped by SIGTERM"),
