@@ -13,6 +13,8 @@ from PIL import Image
 from barlow_cli import parse_arguments
 from training.dense.data import DetectionCollator, SegmentationCollator, detection_transform, load_dense_data, \
     segmentation_transform
+from training.arguments import DataArguments
+from training.dense.arguments import DenseTaskArguments
 from training.dense.finetune import ARGUMENT_TYPES
 from training.dense.metrics import evaluate_segmentation
 
@@ -22,10 +24,10 @@ MEAN, STD = [0.5] * 3, [0.25] * 3
 
 
 def _dense_data(folder, *options: str):
-    task_args, data_args, _, _ = parse_arguments(
-        ARGUMENT_TYPES, ["--output_dir", str(folder / "out"), "--dataset_name", str(folder / "data"),
-                         "--model_name_or_path", "unused", *options])
-    return load_dense_data(data_args, task_args)
+    parsed = parse_arguments(ARGUMENT_TYPES, ["--output_dir", str(folder / "out"), "--dataset_name", str(folder / "data"),
+                                              "--model_name_or_path", "unused", *options])
+    by_type = {type(arguments): arguments for arguments in parsed}
+    return load_dense_data(by_type[DataArguments], by_type[DenseTaskArguments])
 
 
 def _save(folder, features, rows_by_split):
