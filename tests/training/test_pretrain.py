@@ -354,6 +354,41 @@ def test_push_to_hub_without_a_token_fails_before_training(tmp_path, monkeypatch
     assert not (tmp_path / "run" / "log_history.jsonl").exists()
 
 
+def test_a_second_ctrl_c_stops_at_once_and_the_checkpoints_written_stay_complete(tmp_path, parquet_folder, monkeypatch,
+                                                                                  capsys, caplog):
+    # Both Ctrl-Cs arrive right after checkpoint-2 is written, the second once the first is handled:
+    # no race with the step, as there would be in a subprocess.
+    import os
+    import signal
+
+    from training.checkpointing import STATE_FILE, Checkpointer, find_latest_checkpoint
+
+    real_save, pressed = Checkpointer.save, []
+
+    def save_then_interrupt_twice(self):
+        saved = real_save(self)
+        if self.state.global_step == 2 and not pressed:
+            pressed.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this step, with a checkpoint
+            os.kill(os.getpid(), signal.SIGINT)  # the second: at once
+        return saved
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_interrupt_twice)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        main(["--dataset_name", str(parquet_folder), "--output_dir", str(out), "--max_train_steps", "6",
+              "--checkpointing_steps", "1", *TINY])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and err.rstrip().endswith("barlow-pretrain: error: interrupted (Ctrl-C).")
+    assert "Received SIGINT" in caplog.text  # the first was handled
+    assert "To resume:" not in err and "stopped by SIGINT" not in err  # and no graceful stop followed
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert find_latest_checkpoint(out) == out / "checkpoint-2" and [h["step"] for h in history(out)] == [1, 2]
+    for checkpoint in out.glob("checkpoint-*"):  # complete: each loads
+        assert (checkpoint / STATE_FILE).is_file()
+        modeling.BarlowTwinsForPreTraining.from_pretrained(checkpoint)
+
+
 def test_the_knn_monitor_takes_k_and_temperature_from_the_command_line(tmp_path, caplog):
     import logging
 
