@@ -212,14 +212,14 @@ def test_help_documents_every_option():
         assert option in result.stdout, option
 
 
-# The README's statuses: 2 for an option to change, 1 for a command that failed (a missing folder of data).
+# The README's statuses: 2 for an option or input to change (a missing folder of data too, since #35).
 @pytest.mark.parametrize(
     "args,message,status",
     [
         (["--output_dir", "x", "--projector_dims", "8192x8192"], "--projector_dims", 2),  # 8192-8192 is valid
         (["--output_dir", "x", "--optimizer", "adam"], "invalid choice", 2),
         (["--projector_dims", "64"], "--output_dir is required", 2),
-        (["--output_dir", "x", "--train_dir", "/no/such/folder"], "/no/such/folder", 1),
+        (["--output_dir", "x", "--train_dir", "/no/such/folder"], "/no/such/folder", 2),
         (["--output_dir", "x", "--blur_probability", "1.5", "0"], "--blur_probability", 2),
         (["--output_dir", "x", "--solarization_probability", "0.2"], "--solarization_probability", 2),
         (["--output_dir", "x", "--activation_memory_budget", "0.5"], "needs --torch_compile", 2),
