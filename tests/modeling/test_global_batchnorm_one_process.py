@@ -22,6 +22,7 @@ def one_process_group(tmp_path, monkeypatch):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    assert not distributed.is_distributed()  # one process is not "distributed": the tests pretend it is
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     yield
     dist.destroy_process_group()
@@ -63,6 +64,10 @@ def test_training_steps_match_torch_batchnorm(one_process_group, shape, cls, kwa
 
 def test_stacked_views_are_normalised_each_on_its_own(one_process_group):
     reference, ours = _pair(nn.BatchNorm2d(3, momentum=0.2).double())
+    with torch.no_grad():
+        for module in (reference, ours):
+            module.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            module.bias.copy_(torch.tensor([-1.0, 0.0, 1.0]))
     ours.views_in_batch = 2
     first, second = torch.randn(4, 3, 2, 2, dtype=torch.float64), torch.randn(4, 3, 2, 2, dtype=torch.float64) * 3 + 1
     got = ours.train()(torch.cat([first, second]))
@@ -79,6 +84,12 @@ def test_one_value_per_channel_is_refused_and_inputs_must_be_batches(one_process
     with pytest.raises(ValueError, match="^BatchNorm needs more than one value per channel across all processes.$"):
         norm(torch.randn(1, 3))
     assert norm(torch.randn(1, 3, 2, 1)).shape == (1, 3, 2, 1)  # two values per channel: enough
+    # Two values: the running variance is their unbiased variance (a divisor of 1, not 2).
+    reference, ours = _pair(nn.BatchNorm1d(3, momentum=1.0).double())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    reference.train()(x), ours.train()(x)
+    torch.testing.assert_close(ours.running_var, reference.running_var)
+    torch.testing.assert_close(ours.running_var, x.var(0, unbiased=True))
     with pytest.raises(ValueError, match="^expected at least a 2-d input \\(N, C, ...\\), got 1-d$"):
         norm(torch.randn(3))
 
@@ -103,10 +114,39 @@ def test_global_batch_norm_returns_the_statistics_and_counts(one_process_group):
 
 
 def test_gathered_rows_are_padded_to_the_longest_batch(one_process_group):
-    x = torch.randn(3, 4)
+    x = torch.randn(3, 8)
     torch.testing.assert_close(distributed.gather_rows(x, [3]), x)
     padded = distributed.gather_rows(x, [5])  # another process holding 5 rows: ours padded with zeros
-    assert padded.shape == (5, 4)
+    assert padded.shape == (5, 8)
     torch.testing.assert_close(padded[:3], x)
     assert not padded[3:].any()
     torch.testing.assert_close(distributed.sum_across_processes(x), x)
+
+
+def test_low_precision_inputs_get_fp32_statistics(one_process_group):
+    x = (torch.randn(8, 3, dtype=torch.float64) * 3 + 100).to(torch.bfloat16)
+    output, mean, var, _ = distributed.global_batch_norm(x, None, None, 1e-5)
+    assert output.dtype == torch.bfloat16 and mean.dtype == var.dtype == torch.float32
+    wide = x.float()
+    torch.testing.assert_close(mean, wide.mean(0))
+    torch.testing.assert_close(var, wide.var(0, unbiased=False), rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_views_on_one_process_without_a_group():
+    # Not distributed: each view through torch's BatchNorm in turn (training, or eval without running stats).
+    reference, ours = _pair(nn.BatchNorm1d(3, momentum=0.5).double())
+    ours.views_in_batch = 2
+    first, second = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64) + 2
+    torch.testing.assert_close(ours.train()(torch.cat([first, second])),
+                               torch.cat([reference.train()(first), reference(second)]))
+    torch.testing.assert_close(ours.running_mean, reference.running_mean)
+    # In eval mode with running statistics, the stacked batch is one batch for them.
+    both = torch.cat([first, second])
+    torch.testing.assert_close(ours.eval()(both), reference.eval()(both))
+    stateless = GlobalBatchNorm(3, track_running_stats=False).double().eval()
+    stateless.views_in_batch = 2
+    torch.testing.assert_close(stateless(both), torch.cat([
+        nn.functional.batch_norm(view, None, None, stateless.weight, stateless.bias, True, 0.0, stateless.eps)
+        for view in (first, second)]))
+    with pytest.raises(ValueError, match="^a batch of 2 stacked views needs a multiple of 2 rows$"):
+        ours.train()(torch.randn(5, 3, dtype=torch.float64))
