@@ -56,6 +56,27 @@ def _setup_cfg(mutate: list[str], tests: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _score(record: dict) -> None:
+    """Counts, the score and every survivor's explanation, from mutmut's status of each mutant."""
+    statuses = record["statuses_by_mutant"]
+    counts: dict[str, int] = {}
+    for status in statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    survivors = sorted(m for m, s in statuses.items() if s == "survived")
+    killed = counts.get("killed", 0) + counts.get("timeout", 0)
+    uncovered = sorted(m for m, s in statuses.items() if s == "no tests")
+    record.update({
+        "mutants": len(statuses), "statuses": counts, "killed": killed, "survived": len(survivors),
+        # Every mutant counts: survivors and mutants no listed test reaches are not killed.
+        "score": round(killed / len(statuses), 4) if statuses else None,
+        "equivalent": sum(m in REASONS for m in survivors),
+        "unexplained": sum(m not in REASONS for m in survivors)
+        + sum(m.split("__mutmut_")[0] not in REASONS for m in uncovered),
+        "survivors": {m: REASONS.get(m, "UNEXPLAINED") for m in survivors},
+        "not_reached": {m: REASONS.get(m.split("__mutmut_")[0], "UNEXPLAINED") for m in uncovered},
+    })
+
+
 def run_module(name: str, max_children: int, commit: str | None = None) -> dict:
     mutate, tests = MODULES[name]
     work = WORK / name
@@ -84,20 +105,9 @@ def run_module(name: str, max_children: int, commit: str | None = None) -> dict:
         match = re.match(r"\s*(\S+__mutmut_\d+): (.+)$", line)
         if match:
             statuses[match.group(1)] = match.group(2).strip()
-    counts: dict[str, int] = {}
-    for status in statuses.values():
-        counts[status] = counts.get(status, 0) + 1
-    survivors = sorted(m for m, s in statuses.items() if s == "survived")
-    killed = counts.get("killed", 0) + counts.get("timeout", 0)
-    scored = killed + len(survivors)
-    record = {
-        "code": commit or "working tree", "mutated": mutate, "tests": tests, "mutants": len(statuses), "statuses": counts, "killed": killed,
-        "survived": len(survivors), "score": round(killed / scored, 4) if scored else None,
-        "score_counting_equivalent_as_killed": round((killed + sum(m in REASONS for m in survivors)) / scored, 4)
-        if scored else None,
-        "survivors": {m: REASONS.get(m, "UNEXPLAINED") for m in survivors},
-        "seconds": round(time.perf_counter() - started),
-    }
+    record = {"code": commit or "working tree", "mutated": mutate, "tests": tests, "statuses_by_mutant": statuses,
+              "seconds": round(time.perf_counter() - started)}
+    _score(record)
     if run.returncode != 0 and not statuses:
         record["error"] = (run.stdout + run.stderr)[-2000:]
     return record
@@ -108,6 +118,8 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", help=f"some of {', '.join(MODULES)} (default: all)")
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--commit", help="mutate this commit's code and tests (e.g. HEAD) instead of the working tree")
+    parser.add_argument("--rescore", action="store_true",
+                        help="recompute the counts and explanations in mutation.json without running mutmut")
     args = parser.parse_args()
     unknown = sorted(set(args.modules) - set(MODULES))
     if unknown:
@@ -115,6 +127,11 @@ def main() -> None:
     args.modules = args.modules or list(MODULES)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results.setdefault("tool", "mutmut 3 (benchmarks/mutation.py; `make mutate`)")
+    if args.rescore:
+        for record in results.get("modules", {}).values():
+            _score(record)
+        RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        return
     for name in args.modules:
         commit = None
         if args.commit:
@@ -123,10 +140,9 @@ def main() -> None:
         record = run_module(name, args.max_children, commit)
         results.setdefault("modules", {})[name] = record
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        unexplained = [m for m, why in record["survivors"].items() if why == "UNEXPLAINED"]
+        RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         print(f"{name}: {record['killed']} of {record['mutants']} killed, {record['survived']} survived "
-              f"({len(unexplained)} unexplained), {record['seconds']} s", flush=True)
+              f"({record['unexplained']} survivors or unreached mutants unexplained), {record['seconds']} s", flush=True)
 
 
 if __name__ == "__main__":
