@@ -77,6 +77,13 @@ def test_stacked_views_are_normalised_each_on_its_own(one_process_group):
         torch.testing.assert_close(dict(ours.named_buffers())[name], buffer, msg=name)
     with pytest.raises(ValueError, match="^BatchNorm needs more than one value per channel of each view"):
         ours(torch.randn(2, 3, dtype=torch.float64).view(2, 3, 1, 1))
+    # Views of two values per channel: each one's running variance is unbiased (a divisor of 1).
+    reference, ours = _pair(nn.BatchNorm1d(3, momentum=1.0).double())
+    ours.views_in_batch = 2
+    first, second = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64) * 2
+    ours.train()(torch.cat([first, second])), reference.train()(first), reference(second)
+    torch.testing.assert_close(ours.running_var, second.var(0, unbiased=True))
+    torch.testing.assert_close(ours.running_var, reference.running_var)
 
 
 def test_one_value_per_channel_is_refused_and_inputs_must_be_batches(one_process_group):
