@@ -69,7 +69,10 @@ def _score(record: dict) -> None:
         "mutants": len(statuses), "statuses": counts, "killed": killed, "survived": len(survivors),
         # Every mutant counts: survivors and mutants no listed test reaches are not killed.
         "score": round(killed / len(statuses), 4) if statuses else None,
-        "equivalent": sum(m in REASONS for m in survivors),
+        # By the reason's first words: "equivalent", "multi-process only" (seen by the subprocess tests
+        # only), "not reached on CPU" (CUDA code).
+        "survivors_by_kind": {kind: sum(REASONS.get(m, "UNEXPLAINED").startswith(kind) for m in survivors)
+                              for kind in ("equivalent", "multi-process only", "not reached on CPU", "UNEXPLAINED")},
         "unexplained": sum(m not in REASONS for m in survivors)
         + sum(m.split("__mutmut_")[0] not in REASONS for m in uncovered),
         "survivors": {m: REASONS.get(m, "UNEXPLAINED") for m in survivors},
