@@ -303,8 +303,7 @@ def test_gradient_checkpointing_on_pretraining_model_reaches_timm():
     model = BarlowTwinsForPreTraining(BarlowTwinsConfig(**TINY_RESNET))
     _enable_checkpointing(model)
     assert model.barlow_twins.backbone.grad_checkpointing
-    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-    disable()
+    model.activation_checkpointing_disable()
     assert not model.barlow_twins.backbone.grad_checkpointing
 
 

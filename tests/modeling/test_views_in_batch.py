@@ -155,7 +155,7 @@ def test_views_of_different_sizes_and_gradient_checkpointing_take_two_forwards()
     for setup in ("sizes", "checkpointing"):
         model = build("resnet-small-stem")
         if setup == "checkpointing":
-            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+            model.activation_checkpointing_enable()  # transformers >= 5.25, as setup.py requires
         reference = copy.deepcopy(model)
         x1, x2 = views("resnet-small-stem", 4)
         if setup == "sizes":
