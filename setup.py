@@ -49,7 +49,7 @@ setup(
     ],
     extras_require={
         # parameterized: transformers' common model tests (from its sdist, see tests/fetch_transformers_tests.py) import it.
-        "dev": ["pytest>=8.0,<10", "torchmetrics>=1.4,<2", "pycocotools>=2.0.7,<3", "parameterized>=0.9,<1"],
+        "dev": ["pytest>=8.0,<10", "torchmetrics>=1.4,<2", "pycocotools>=2.0.7,<3", "parameterized>=0.9,<1", "pytest-xdist>=3.5,<4"],
         # Dense fine-tuning (barlow-finetune --task object-detection / semantic-segmentation):
         # mAP (COCO protocol, pycocotools backend) and mIoU from torchmetrics.
         "dense": ["torchmetrics>=1.4,<2", "pycocotools>=2.0.7,<3"],
