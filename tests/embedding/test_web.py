@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -16,6 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.embedding.conftest import BIN, run_cli
+from tests.ports import free_port
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [
@@ -23,11 +23,6 @@ pytestmark = [
     pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver"),
 ]
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait_for(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
@@ -67,7 +62,7 @@ def test_upload_an_image_and_see_its_neighbours(barlow_model, tmp_path):
     query = tmp_path / "query.png"
     load_image_dataset(None, split="train", streaming=False)[7]["image"].save(query)
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     server = subprocess.Popen([str(BIN / "barlow-search"), "--index_dir", str(index_dir), "--serve", "--k", "5",
                                "--server_port", str(port)], env=env, stdout=subprocess.DEVNULL,

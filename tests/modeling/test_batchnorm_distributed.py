@@ -5,7 +5,6 @@ bf16 autocast), in one collective per layer each way and without reading anythin
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_barlow import GlobalBatchNorm, barlow_twins_loss, convert_to_global_batchnorm
+from tests.ports import free_port
 
 
 def _network(momentum: float | None = 0.1) -> nn.Module:
@@ -107,11 +107,6 @@ def _counts_of_one_layer_and_the_loss() -> dict:
     return {k: v for k, v in out.items() if isinstance(v, dict)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -138,7 +133,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("global_bn")
-    mp.spawn(_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out_dir)), nprocs=2, join=True)
     return out_dir
 
 
@@ -213,7 +208,7 @@ def test_cuda_paths_match_torch_batchnorm_on_the_whole_batch(tmp_path, monkeypat
     # torch's SyncBatchNorm kernels (the default on CUDA) and the collective path without host reads.
     for backend in (torch.backends.cudnn, torch.backends.cuda.matmul):
         monkeypatch.setattr(backend, "allow_tf32", False)
-    mp.spawn(_cuda_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_cuda_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     x1, x2 = _views(8)
     model = _network().cuda()
     loss = _step(model, x1.cuda(), x2.cuda(), False)

@@ -4,7 +4,6 @@ concatenated batch. The single-process side is computed independently, without t
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from modeling_barlow import BarlowTwinsProjector, barlow_twins_loss, convert_to_global_batchnorm
+from tests.ports import free_port
 
 
 IN_FEATURES = 12
@@ -31,11 +31,6 @@ def _data(n: int):
     x2 = x1 + 0.3 * torch.randn(n, IN_FEATURES, generator=generator)
     return x1, x2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CASES = [
@@ -71,7 +66,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out_dir)), nprocs=2, join=True)
     return out_dir
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from modeling_barlow import convert_to_global_batchnorm
+from tests.ports import free_port
 
 from .test_batchnorm_distributed import _count
 from .test_views_in_batch import MODELS, assert_exact, assert_same_state, build, two_forwards, views
@@ -39,11 +39,6 @@ STEPS = 2
 # running statistics) stays float64-exact (below 1e-14 measured) and is held to 1e-10.
 FP32_LOSS_TOLERANCE = 1e-5
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_views(name: str, splits: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +87,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("views_in_batch")
-    mp.spawn(_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out_dir)), nprocs=2, join=True)
     return out_dir
 
 

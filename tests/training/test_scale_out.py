@@ -5,23 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
 from tests.training.pretraining_inputs import TINY, history
 
 
 STEPS = 4
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(launch: list[str], args: list[str]) -> subprocess.Popen:
@@ -51,7 +46,7 @@ def one_node_two_processes(parquet_folder, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_two_nodes_train_exactly_as_one_node_with_two_processes(one_node_two_processes, parquet_folder, tmp_path):
     # Two "machines" on localhost: one process each, meeting through a c10d rendezvous on node 0.
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     out = tmp_path / "two_nodes"  # shared, as on a cluster's shared file system
     nodes = [
         _torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), "--rdzv_backend", "c10d",
