@@ -27,7 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutation"
 RESULTS = ROOT / "benchmarks" / "results" / "mutation.json"
-COPIED = ("modeling_barlow", "barlow_cli", "training", "tests", "pytest.ini")
+COPIED = ("modeling_barlow", "barlow_cli", "training", "tests", "pytest.ini", "hub")
+
+NO_COMPILE = ["--deselect", "tests/modeling/test_views_in_batch.py::test_compiles_into_one_graph"]
+NO_HUB_CHILD = ["--deselect", "tests/modeling/test_dense_heads.py::test_a_hub_id_in_the_local_cache_is_an_encoder_too"]
 
 # module: (files mutated, the fast in-process test files that guard them)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
@@ -40,6 +43,29 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "distributed": (["modeling_barlow/distributed.py"],
                     ["tests/modeling/test_global_batchnorm.py", "tests/modeling/test_global_batchnorm_one_process.py",
                      "tests/modeling/test_loss.py"]),
+    # The rest of modeling_barlow, cheapest first. test_model_contract.py holds the loss of each
+    # problem type, the processor's arithmetic and timm's initialisation; the common tests
+    # (test_transformers_common.py, minutes) and the multi-process tests are left out.
+    "classification_loss": (["modeling_barlow/classification_loss.py"],
+                            ["tests/modeling/test_classification_loss.py", "tests/modeling/test_model_contract.py"]),
+    "image_processing": (["modeling_barlow/image_processing.py"],
+                         ["tests/modeling/test_image_processing.py", "tests/modeling/test_model_contract.py",
+                          "tests/modeling/test_pipelines.py", "tests/modeling/test_vit.py"]),
+    # Under mutmut's trampolines (a ContextVar set per call) torch.compile cannot make one graph, so the
+    # one-graph test fails on every mutant: left out (NO_COMPILE).
+    "view_batchnorm": (["modeling_barlow/view_batchnorm.py"],
+                       ["tests/modeling/test_view_batchnorm.py", "tests/modeling/test_views_in_batch.py", *NO_COMPILE]),
+    "timm_network": (["modeling_barlow/timm_network.py"],
+                     ["tests/modeling/test_model_contract.py", "tests/modeling/test_backbone.py",
+                      "tests/modeling/test_init_weights.py", "tests/modeling/test_vit.py",
+                      "tests/modeling/test_modeling.py"]),
+    # Its hub-id test runs the code in a child process, which sees no mutant: left out (NO_HUB_CHILD).
+    "dense_heads": (["modeling_barlow/dense_heads.py"], ["tests/modeling/test_dense_heads.py", *NO_HUB_CHILD]),
+    "modeling_barlow_twins": (["modeling_barlow/modeling_barlow_twins.py"],
+                              ["tests/modeling/test_modeling.py", "tests/modeling/test_init_weights.py",
+                               "tests/modeling/test_backbone.py", "tests/modeling/test_views_in_batch.py",
+                               "tests/modeling/test_vit.py", "tests/modeling/test_model_contract.py",
+                               "tests/modeling/test_dense_heads.py", *NO_COMPILE, *NO_HUB_CHILD]),
 }
 
 # Survivors that are equivalent mutants (the edit changes no behaviour), by mutmut's name, with why.
@@ -51,6 +77,7 @@ REASONS: dict[str, str] = json.loads((ROOT / "benchmarks" / "mutation_equivalent
 def _setup_cfg(mutate: list[str], tests: list[str]) -> str:
     lines = ["[mutmut]", "source_paths =", *(f"    {p}" for p in COPIED[:3]), "only_mutate ="]
     lines += [f"    {p}" for p in mutate]
+    lines += ["also_copy =", *(f"    {p}" for p in COPIED[5:])]  # imported by tests (hub: test_dense_heads.py)
     lines += ["pytest_add_cli_args_test_selection =", *(f"    {t}" for t in tests)]
     lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q", "    -o", "    addopts="]
     return "\n".join(lines) + "\n"
