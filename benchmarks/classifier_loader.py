@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from fashion_mnist import IDX_DIR, convert
 
-from training.augment import supervised_train_transform
-from training.labelled_data import class_balanced_subset, load_labelled_data
+from training.shared.augment import supervised_train_transform
+from training.shared.labelled_data import class_balanced_subset, load_labelled_data
 
 DEFAULT_WORK_DIR = Path("/tmp/barlow_bench_loader")
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

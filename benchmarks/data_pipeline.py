@@ -8,7 +8,7 @@ torch at one thread, as in a DataLoader worker), so the number is per core:
 -> ``DataLoader(collate_fn=TwoViewCollator(transform))``, which decodes each image with PIL and
 calls ``transform(image) -> (view1, view2)``. Only the transform differs:
 
-* ours: ``training.augment.TwoViewTransform``, built as ``barlow-pretrain`` builds it;
+* ours: ``training.shared.augment.TwoViewTransform``, built as ``barlow-pretrain`` builds it;
 * baseline: ``torchvision.transforms`` (v1) on PIL images with the paper's parameters
   (RandomResizedCrop(scale 0.08-1, bicubic), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8,
   grayscale p 0.2, GaussianBlur(sigma 0.1-2) p 1.0 / 0.1, solarize p 0 / 0.2, ToTensor,
@@ -44,9 +44,9 @@ sys.path.insert(0, str(REPO_ROOT))
 from fashion_mnist import IDX_DIR, convert
 
 from modeling_barlow import BarlowTwinsConfig
-from training.augment import BARLOW_TWINS_VIEW1, TwoViewCropTransform, TwoViewTransform
-from training.collate import TwoViewCollator
-from training.data import load_image_dataset, prepare_stream, resolve_image_column
+from training.shared.augment import BARLOW_TWINS_VIEW1, TwoViewCropTransform, TwoViewTransform
+from training.shared.collate import TwoViewCollator
+from training.shared.data import load_image_dataset, prepare_stream, resolve_image_column
 
 DEFAULT_WORK_DIR = Path("/tmp/barlow_bench_data")
 
@@ -197,9 +197,9 @@ def main() -> None:
                 "fetches whole batches from a stream iterator kept across runs (steady state: the shuffle buffer "
                 "is filled before timing). Medians of alternating runs."
             ),
-            "ours": "training.augment.TwoViewTransform(image_size, config.image_mean, config.image_std, 3, bicubic)",
+            "ours": "training.shared.augment.TwoViewTransform(image_size, config.image_mean, config.image_std, 3, bicubic)",
             "crops_only": (
-                "not a contender: training.augment.TwoViewCropTransform, a loader worker's share of the work under "
+                "not a contender: training.shared.augment.TwoViewCropTransform, a loader worker's share of the work under "
                 "--augment_on_device (decode, two uint8 random resized crops); timed in the same alternation"
             ),
             "baseline": (

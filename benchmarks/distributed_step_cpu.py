@@ -102,7 +102,7 @@ def worker(args: argparse.Namespace) -> None:
     if world > 1:
         dist.init_process_group("gloo")
     from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining, convert_to_global_batchnorm
-    from training.optim import create_optimizer
+    from training.shared.optim import create_optimizer
 
     torch.manual_seed(0)
     config = BarlowTwinsConfig(backbone="resnet18", small_image_stem=True, image_size=IMAGE_SIZE,

@@ -8,7 +8,7 @@
   ``output_dir/log_history.jsonl``, first logging window skipped (start-up, first batches).
 * baseline: the same model's training step alone, in this process, on one batch of two views
   already in memory (made by the same collator from the same data): forward, backward, the same
-  optimizer (``training.optim.create_optimizer``, LARS with the trainer's defaults), zero_grad.
+  optimizer (``training.shared.optim.create_optimizer``, LARS with the trainer's defaults), zero_grad.
 
 ratio = ours / baseline = the share of the bare step's throughput that the whole trainer keeps.
 ``details.data_wait_fraction`` is the trainer's own share of wall time spent waiting for batches.
@@ -39,10 +39,10 @@ sys.path.insert(0, str(REPO_ROOT))
 from fashion_mnist import IDX_DIR, convert
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining
-from training.augment import TwoViewTransform
-from training.collate import TwoViewCollator
-from training.data import load_image_dataset, prepare_stream, resolve_image_column
-from training.optim import create_optimizer
+from training.shared.augment import TwoViewTransform
+from training.shared.collate import TwoViewCollator
+from training.shared.data import load_image_dataset, prepare_stream, resolve_image_column
+from training.shared.optim import create_optimizer
 
 DEFAULT_WORK_DIR = Path("/tmp/barlow_bench_e2e")
 BACKBONE_KWARGS = '{"channels": [32, 64, 128, 256]}'

@@ -209,7 +209,7 @@ def main() -> None:
     if "raw_pixel_logreg" in args.steps:
         raw_future = background.submit(raw_pixel_logistic_regression, data, 512 if args.smoke else None, RAW_PIXEL_THREADS)
 
-    from training.checkpointing import find_latest_checkpoint
+    from training.shared.checkpointing import find_latest_checkpoint
     from training.evaluate import main as evaluate_main
     from training.finetune import main as finetune_main
     from training.pretrain import main as pretrain_main

@@ -144,8 +144,8 @@ try:
     import torch
     from accelerate import Accelerator
     from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining
-    from training.collapse import RankMeMonitor
-    from training.data import load_image_dataset, resolve_image_column
+    from training.pretraining.collapse import RankMeMonitor
+    from training.shared.data import load_image_dataset, resolve_image_column
 
     config = BarlowTwinsConfig.from_pretrained(work / recipes[0])
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ batch 256 images = 512 views) on the same synthetic tensors:
 * baseline, as the authors ran it: eager, fp16 autocast with a GradScaler, NCHW, their loss
   (C = bn(z1)^T bn(z2) / N formed in half precision) and their LARS (a Python loop over parameters).
 * ours: BarlowTwinsForPreTraining under bf16 autocast, channels_last, our loss (fp32, the Gram
-  form when N < D), timm's multi-tensor LARS from training.optim; with --compile also torch.compile.
+  form when N < D), timm's multi-tensor LARS from training.shared.optim; with --compile also torch.compile.
 
 Timing alternates the contenders (common.alternate) and reports medians. Peak memory is each
 contender's own (allocated above what was there before it was built). MFU is the model's FLOPs
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, alternate, make_photo_parquet, median, timed, write_result  # noqa: E402
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining  # noqa: E402
-from training.optim import create_optimizer  # noqa: E402
+from training.shared.optim import create_optimizer  # noqa: E402
 
 # Peak dense bf16 tensor-core rates (vendor datasheets, SXM parts, without sparsity).
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}

@@ -124,7 +124,7 @@ def ours_command(args: argparse.Namespace, seed: int, resume: bool) -> list[str]
     command = [BIN / "barlow-pretrain", *_pretrain_args(recipe, data_dir(args), out, "1000", speed, cap),
                "--max_train_steps", str(args.max_steps), "--warmup_ratio", "0.1",
                "--checkpointing_steps", str(args.max_steps // args.checkpoints)]
-    from training.checkpointing import find_latest_checkpoint
+    from training.shared.checkpointing import find_latest_checkpoint
 
     if resume and find_latest_checkpoint(out) is not None:
         command += ["--resume_from_checkpoint", "latest"]

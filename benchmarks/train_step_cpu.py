@@ -122,8 +122,8 @@ def build_ours(
     the forward under CPU autocast, as accelerate runs ``--mixed_precision bf16`` on a CPU.
     """
     from modeling_barlow import BarlowTwinsForPreTraining
-    from training.optim import create_optimizer
-    from training.pretrain import compile_settings
+    from training.shared.optim import create_optimizer
+    from training.pretraining.run import compile_settings
 
     torch.manual_seed(SEED)
     model = BarlowTwinsForPreTraining(_config(hp)).train()
@@ -333,7 +333,7 @@ def trajectory(hp: dict, batch_size: int, steps: int) -> dict:
     from PIL import Image
     from torchvision.transforms import v2
 
-    from training.augment import TwoViewTransform
+    from training.shared.augment import TwoViewTransform
 
     images, source = _trajectory_images()
     config = _config(hp)
@@ -352,7 +352,7 @@ def trajectory(hp: dict, batch_size: int, steps: int) -> dict:
     relative = [abs(b - f) / abs(f) for b, f in zip(losses["bf16"], losses["fp32"])]
     return {
         "steps": steps,
-        "data": f"{source}, two views per image from training.augment.TwoViewTransform (the paper's), {batch_size} images per step",
+        "data": f"{source}, two views per image from training.shared.augment.TwoViewTransform (the paper's), {batch_size} images per step",
         "tolerance": f"|loss_bf16 - loss_fp32| / loss_fp32 <= {TRAJECTORY_TOLERANCE} at every step",
         "max_relative_difference": round(max(relative), 5),
         "mean_relative_difference": round(sum(relative) / len(relative), 5),
@@ -441,7 +441,7 @@ def main() -> None:
         "projector": PROJECTOR,
         "hyper_parameters": hp,
         "mixed_precision": args.mixed_precision,
-        "ours": f"BarlowTwinsForPreTraining, channels-last and torch.compile with an activation memory budget of {ACTIVATION_MEMORY_BUDGET} (as barlow-pretrain --channels_last --torch_compile --activation_memory_budget {ACTIVATION_MEMORY_BUDGET}) + barlow_twins_loss (auto: Gram) + training.optim.create_optimizer('lars') (timm Lars){precision}",
+        "ours": f"BarlowTwinsForPreTraining, channels-last and torch.compile with an activation memory budget of {ACTIVATION_MEMORY_BUDGET} (as barlow-pretrain --channels_last --torch_compile --activation_memory_budget {ACTIVATION_MEMORY_BUDGET}) + barlow_twins_loss (auto: Gram) + training.shared.optim.create_optimizer('lars') (timm Lars){precision}",
         "ours_eager": f"the same without torch.compile (as barlow-pretrain --channels_last){precision}",
         "headline_baseline": headline,
         "earlier_target": f"{BF16_TARGET if bf16 else TARGET}, against 'baseline' (lightly, one forward per view, fp32): see ratios",

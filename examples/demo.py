@@ -20,11 +20,11 @@ from sklearn.datasets import load_sample_image
 from transformers import pipeline
 
 from modeling_barlow import BarlowTwinsForPreTraining, BarlowTwinsModel
-from training.features import extract_features, knn_top1
-from training.metrics import topk_accuracy
-from training.monitor import labelled_loaders
-from training.probes import exact_linear_probe
+from training.evaluation.features import extract_features, knn_top1
+from training.evaluation.probes import exact_linear_probe
 from training.pretrain import main as pretrain
+from training.pretraining.monitor import labelled_loaders
+from training.shared.metrics import topk_accuracy
 
 
 def evaluate(encoder: torch.nn.Module, config) -> tuple[float, float]:

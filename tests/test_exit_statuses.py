@@ -103,7 +103,7 @@ def test_a_usage_error_prints_one_short_usage_line_and_the_error(results):
 
 @pytest.mark.parametrize("module, prog", [
     ("training.pretrain", "barlow-pretrain"), ("training.evaluate", "barlow-eval"),
-    ("training.finetune", "barlow-finetune"), ("training.dense.finetune", "barlow-finetune"),
+    ("training.finetune", "barlow-finetune"), ("training.finetuning.dense.finetune", "barlow-finetune"),
     ("training.embedding.embed", "barlow-embed"), ("training.embedding.search", "barlow-search"),
     ("hub.publish", "barlow-publish"), ("hub.convert_official", "barlow-convert"),
 ])

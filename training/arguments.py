@@ -1,7 +1,8 @@
-"""barlow-pretrain's options (shared by the other CLIs where they mean the same), and the parser.
+"""barlow-pretrain's options (shared by the other CLIs where they mean the same), the options of
+the model and labelled data that barlow-eval, barlow-finetune and barlow-embed share, and the parser.
 
-barlow-eval's and barlow-finetune's own options are in `classifier_arguments.py`, which reuses
-these field definitions.
+barlow-eval's and barlow-finetune's own options are in `evaluation/arguments.py` and
+`finetuning/arguments.py`, which reuse these field definitions.
 
 Each CLI parses a tuple of these dataclasses (plus its own) with transformers' `HfArgumentParser`.
 `--config FILE` (YAML or JSON) supplies values first; options given on the command line win.
@@ -17,8 +18,8 @@ from typing import Any
 
 from modeling_barlow import BarlowTwinsConfig
 
-from .augment.params import ViewAugmentationParams, barlow_twins_view_params
-from .ddp import DDP_COMM_HOOKS
+from .shared.augment.params import ViewAugmentationParams, barlow_twins_view_params
+from .shared.distributed import DDP_COMM_HOOKS
 
 
 __all__ = [
@@ -26,7 +27,9 @@ __all__ = [
     "HubArguments",
     "ModelArguments",
     "OutputArguments",
+    "PretrainedModelArguments",
     "PretrainingArguments",
+    "SupervisedDataArguments",
     "parse_projector_dims",
     "shared_field",
 ]
@@ -416,3 +419,43 @@ class HubArguments:
         except PublishError as error:
             retry = f"hf upload {self.hub_model_id} {output_dir}"
             raise ValueError(f"The model is saved in {output_dir}, but the upload failed: {error} Retry with: {retry}") from None
+
+
+@dataclass
+class PretrainedModelArguments:
+    """The model that barlow-eval evaluates and barlow-finetune fine-tunes."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A barlow-pretrain output folder, a saved encoder or classifier folder (Barlow Twins, or any "
+                          "image model that transformers' Auto classes load), or a hub id (required)."},
+    )
+    random_init: bool = field(
+        default=False,
+        metadata={"help": "Use the architecture of --model_name_or_path with fresh random weights (seeded by --seed): "
+                          "the baseline that shows what pretraining adds."},
+    )
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise ValueError("--model_name_or_path is required.")
+
+
+@dataclass
+class SupervisedDataArguments:
+    """Labels, the held-out split and the training crops, on top of DataArguments."""
+
+    label_column: str | None = field(
+        default=None, metadata={"help": "Column holding the class labels; found from the ClassLabel feature when not given."}
+    )
+    eval_split: str | None = field(
+        default=None, metadata={"help": "The split to evaluate on; by default 'validation', else 'test'."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many examples."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Images per process per evaluation batch."})
+    min_crop_scale: float = shared_field(PretrainingArguments, "min_crop_scale")
+
+    def __post_init__(self):
+        _positive("max_eval_samples", self.max_eval_samples)
+        _positive("per_device_eval_batch_size", self.per_device_eval_batch_size)
+        _check_min_crop_scale(self.min_crop_scale)

@@ -72,7 +72,7 @@ def test_faiss_backend_finds_what_the_exact_search_finds(digit_index):
 def test_faiss_index_hnsw32_from_the_command_line(digit_index, tmp_path, monkeypatch):
     import faiss
 
-    from training.data import load_image_dataset
+    from training.shared.data import load_image_dataset
     from training.embedding.search import main
 
     built, real_factory = [], faiss.index_factory
@@ -99,7 +99,7 @@ def test_faiss_index_hnsw32_from_the_command_line(digit_index, tmp_path, monkeyp
 
 
 def test_search_cli_json_grid_and_map(digit_index, tmp_path):
-    from training.data import load_image_dataset
+    from training.shared.data import load_image_dataset
 
     train = load_image_dataset(None, split="train", streaming=False)
     for i in (3, 250):

@@ -53,7 +53,7 @@ def test_upload_an_image_and_see_its_neighbours(barlow_model, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from training.data import load_image_dataset
+    from training.shared.data import load_image_dataset
 
     index_dir = tmp_path / "emb"
     made = run_cli("barlow-embed", "--model_name_or_path", str(barlow_model), "--max_train_samples", "100",

@@ -12,7 +12,7 @@ import torch
 from timm.models import register_model
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsModel, create_image_processor
-from training.features import extract_features
+from training.evaluation.features import extract_features
 
 # A small ViT (2 blocks of width 32): seconds on a CPU, yet every part of a ViT-Tiny.
 TINY_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}

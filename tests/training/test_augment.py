@@ -1,4 +1,4 @@
-"""Tests for training.augment: both paths against torchvision and against the paper's numbers."""
+"""Tests for training.shared.augment: both paths against torchvision and against the paper's numbers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 from torchvision.transforms import v2
 
-from training.augment import (
+from training.shared.augment import (
     BARLOW_TWINS_VIEW1,
     BARLOW_TWINS_VIEW2,
     AugmentationDraw,
@@ -24,7 +24,7 @@ from training.augment import (
     ViewAugmentationParams,
     barlow_twins_view_params,
 )
-from training.augment.cpu import _RandomSigmaBlur
+from training.shared.augment.cpu import _RandomSigmaBlur
 
 # The paper's table (BYOL augmentations), written out independently of the module: (view 1, view 2).
 PAPER_P = {
@@ -325,7 +325,7 @@ def test_cuda_matches_cpu():
 
 
 def test_supervised_train_transform_is_a_resize_flip_and_normalisation():
-    from training.augment import supervised_train_transform
+    from training.shared.augment import supervised_train_transform
 
     image = china((20, 20))  # square: with crop scale 1 the crop is the whole image
     transform = supervised_train_transform(10, MEAN, STD, 3, "bicubic", crop_scale=(1.0, 1.0))
@@ -345,7 +345,7 @@ def test_supervised_train_transform_is_a_resize_flip_and_normalisation():
 
 
 def test_supervised_train_transform_crops_and_converts_modes():
-    from training.augment import supervised_train_transform
+    from training.shared.augment import supervised_train_transform
 
     torch.manual_seed(0)
     grey = supervised_train_transform(12, (0.5,), (0.25,), num_channels=1)
@@ -369,7 +369,7 @@ def test_cpu_crop_sampler_matches_torchvision(height, width, scale):
     from scipy.stats import ks_2samp
     from torchvision.transforms import RandomResizedCrop
 
-    from training.augment.cpu import _crop_box
+    from training.shared.augment.cpu import _crop_box
 
     image = torch.zeros(1, height, width)
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.collate import whole_batches
+from training.shared.collate import whole_batches
 
 
 def _batch(ids: list[int], skipped: int = 0) -> dict:

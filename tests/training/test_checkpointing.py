@@ -80,7 +80,7 @@ def test_checkpoints_load_with_from_pretrained(tmp_path, parquet_folder):
 
 
 def test_partial_checkpoint_is_never_latest(tmp_path):
-    from training.checkpointing import STATE_FILE, find_latest_checkpoint
+    from training.shared.checkpointing import STATE_FILE, find_latest_checkpoint
 
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / STATE_FILE).write_text("{}")
@@ -92,7 +92,7 @@ def test_partial_checkpoint_is_never_latest(tmp_path):
 def test_save_total_limit_removes_an_old_checkpoint_only_once_the_new_one_is_complete(tmp_path):
     from accelerate import Accelerator
 
-    from training.checkpointing import TrainerState, list_checkpoints, save_checkpoint
+    from training.shared.checkpointing import TrainerState, list_checkpoints, save_checkpoint
 
     accelerator = Accelerator(cpu=True)
 

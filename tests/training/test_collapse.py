@@ -13,7 +13,7 @@ from accelerate import Accelerator
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining
 from tests.conftest import TINY_RESNET
-from training.collapse import RankMeMonitor, rankme
+from training.pretraining.collapse import RankMeMonitor, rankme
 
 
 def numpy_rankme(matrix: np.ndarray, epsilon: float = 1e-7) -> float:
@@ -110,7 +110,7 @@ def _collapse(model: BarlowTwinsForPreTraining) -> None:
 def test_monitor_warns_when_the_encoder_collapses(caplog):
     config = BarlowTwinsConfig(**TINY_RESNET, image_size=32)
     model = BarlowTwinsForPreTraining(config)
-    with caplog.at_level(logging.WARNING, logger="training.collapse"):
+    with caplog.at_level(logging.WARNING, logger="training.pretraining.collapse"):
         first = _monitor(config, threshold=0.0).measure(model, step=1)["rankme"]
         # A threshold between the new model's value and complete collapse's 1 (a new ResNet's
         # ReLU features are dominated by their mean: ~1.7 here): no warning; after the collapse, one.
@@ -129,7 +129,7 @@ def test_monitor_accepts_a_start_below_the_threshold_but_not_an_end(caplog):
     config = BarlowTwinsConfig(**TINY_RESNET, image_size=32)
     model = BarlowTwinsForPreTraining(config)
     monitor = _monitor(config, threshold=1000.0)
-    with caplog.at_level(logging.WARNING, logger="training.collapse"):
+    with caplog.at_level(logging.WARNING, logger="training.pretraining.collapse"):
         monitor.measure(model, step=1)
         monitor.measure(model, step=2)
         assert not caplog.records

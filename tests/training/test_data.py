@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from training import data
-from training.collate import LabelledCollator, TwoViewCollator, decode_image
-from training.data import (
+from training.shared.collate import LabelledCollator, TwoViewCollator, decode_image
+from training.shared.data import (
     DEFAULT_DATASET_NAME,
     count_examples,
     load_image_dataset,
@@ -361,7 +361,7 @@ def _ranks(ds, num_processes: int, key=ident, **kwargs) -> list[list]:
 @pytest.mark.parametrize("num_processes", [2, 3])
 def test_sharding_parquet_disjoint_and_complete(parquet_dir, caplog, num_processes):
     ds = load_image_dataset(str(parquet_dir))
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="training.shared.data"):
         parts = _ranks(ds, num_processes, key=lambda ex: ex["id"], label_column="id")
     assert sorted(sum(parts, [])) == list(range(20))
     assert all(parts)
@@ -369,7 +369,7 @@ def test_sharding_parquet_disjoint_and_complete(parquet_dir, caplog, num_process
 
 
 def test_sharding_digits_disjoint_and_complete(caplog):
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="training.shared.data"):
         parts = _ranks(load_image_dataset(), 2)
         map_parts = _ranks(load_image_dataset(streaming=False), 2)
     assert "split by example" not in caplog.text
@@ -387,7 +387,7 @@ def test_shards_only_once(parquet_dir):
 def test_sharding_single_shard_imagefolder_splits_by_example(imagefolder, caplog):
     ds = load_image_dataset(train_dir=str(imagefolder))
     assert ds.n_shards == 1
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="training.shared.data"):
         a, b = _ranks(ds, 2, label_column="label")
     assert "split by example" in caplog.text
     assert not set(a) & set(b) and len(a) == len(b) == 4 and len(set(a) | set(b)) == 8

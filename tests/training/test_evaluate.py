@@ -19,16 +19,16 @@ from PIL import Image
 from transformers import AutoImageProcessor, pipeline
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsModel, create_image_processor
-from training.data import load_image_dataset
+from training.shared.data import load_image_dataset
 from tests.cli import returning, script
 from training.evaluate import main as evaluate_main
-from training.features import knn_topk_accuracy
+from training.evaluation.features import knn_topk_accuracy
 from training.finetune import main as finetune_main
 from training.pretrain import main as pretrain_main
-from training.classifier_training import classifier_optimizer
-from training.labelled_data import class_balanced_subset, fraction_name
-from training.metrics import topk_accuracy
-from training.probes import exact_linear_probe, linear_head, sgd_linear_probe
+from training.finetuning.classifier import classifier_optimizer
+from training.shared.labelled_data import class_balanced_subset, fraction_name
+from training.shared.metrics import topk_accuracy
+from training.evaluation.probes import exact_linear_probe, linear_head, sgd_linear_probe
 
 evaluate = returning(evaluate_main, "eval_results.json")
 finetune = returning(finetune_main, "metrics.json")
@@ -87,7 +87,7 @@ def test_whole_evaluation_path_on_digits(tmp_path, pretrained, monkeypatch):
     n_train, n_eval = 400, 120
     # What the probes computed, kept to be scored here: the SGD probe's scores on the test images, and
     # each semi-supervised fine-tuned network (1%, then 10%).
-    import training.evaluate as evaluate_module
+    import training.evaluation.run as evaluate_module
 
     probe_scores, fine_tuned = [], []
 
@@ -262,7 +262,7 @@ def test_features_are_cached_by_model_data_and_split(tmp_path, random_encoder, m
     assert first["feature_cache_hits"] == {"train": False, "eval": False}
     assert len(list(cache.glob("*.pt"))) == 2
 
-    import training.probes as probes
+    import training.evaluation.probes as probes
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("features should have come from the cache")
@@ -460,8 +460,8 @@ def test_classifier_optimizer_groups():
 @pytest.mark.parametrize("streaming", [True, False])
 def test_loader_keeps_exactly_the_chosen_examples(streaming):
     from training.arguments import DataArguments
-    from training.classifier_arguments import SupervisedDataArguments
-    from training.labelled_data import load_labelled_data
+    from training.arguments import SupervisedDataArguments
+    from training.shared.labelled_data import load_labelled_data
 
     data = load_labelled_data(DataArguments(streaming=streaming, max_train_samples=120), SupervisedDataArguments())
     labels = data.labels("train")
@@ -489,8 +489,8 @@ def test_loader_keeps_exactly_the_chosen_examples(streaming):
 @pytest.mark.parametrize("streaming", [True, False])
 def test_epoch_loaders_keep_their_workers_and_reshuffle_like_fresh_loaders(streaming):
     from training.arguments import DataArguments
-    from training.classifier_arguments import SupervisedDataArguments
-    from training.labelled_data import load_labelled_data
+    from training.arguments import SupervisedDataArguments
+    from training.shared.labelled_data import load_labelled_data
 
     data = load_labelled_data(DataArguments(streaming=streaming, max_train_samples=96), SupervisedDataArguments())
     to_tensor = lambda image: torch.from_numpy(np.asarray(image, dtype=np.float32))[None]  # noqa: E731

@@ -1,4 +1,4 @@
-"""Tests for training.features: feature extraction and the weighted kNN classifier.
+"""Tests for training.evaluation.features: feature extraction and the weighted kNN classifier.
 
 The kNN is checked against scikit-learn's ``KNeighborsClassifier`` (cosine metric, weights
 ``exp((1 - d) / T)`` = ``exp(sim / T)``) and against scores worked out by hand.
@@ -15,7 +15,7 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
 
-from training.features import extract_features, knn_classify, knn_top1, knn_topk_accuracy
+from training.evaluation.features import extract_features, knn_classify, knn_top1, knn_topk_accuracy
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -259,8 +259,8 @@ def test_extract_features_barlow_twins_model(tiny_config):
 
 
 def test_linear_probe_separates_separable_classes_and_not_shuffled_ones():
-    from training.metrics import topk_accuracy
-    from training.probes import exact_linear_probe
+    from training.shared.metrics import topk_accuracy
+    from training.evaluation.probes import exact_linear_probe
 
     def top1(x, y):
         return topk_accuracy(exact_linear_probe(x[:300], y[:300], x[300:], 4), y[300:])["top1"]

@@ -144,8 +144,8 @@ def test_help_states_the_real_warmup_default(task, capsys, monkeypatch):
     help_text = text.split("--warmup_epochs WARMUP_EPOCHS, --warmup-epochs WARMUP_EPOCHS ", 1)[1].split(" --", 1)[0]
     assert help_text == ("Linear warm-up length in epochs, before the cosine schedule. None by default: the paper's "
                          "fine-tuning has none (its 10 warm-up epochs are pretraining's). (default: 0.0)")
-    from training.classifier_arguments import FinetuningArguments
-    from training.dense.arguments import DenseFinetuningArguments
+    from training.finetuning.arguments import FinetuningArguments
+    from training.finetuning.dense.arguments import DenseFinetuningArguments
 
     assert FinetuningArguments.__dataclass_fields__["warmup_epochs"].default == 0.0
     assert DenseFinetuningArguments.__dataclass_fields__["warmup_epochs"].default == 0.0

@@ -14,7 +14,7 @@ from tests.cli import returning
 from training.evaluate import main
 
 evaluate = returning(main, "eval_results.json")
-from training.model_source import load_model_source
+from training.shared.model_source import load_model_source
 
 TINY = {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 16, 32]}, "small_image_stem": True, "image_size": 16}
 

@@ -1,4 +1,4 @@
-"""Tests for training.optim: parameter groups, LARS update, warm-up + cosine schedule.
+"""Tests for training.shared.optim: parameter groups, LARS update, warm-up + cosine schedule.
 
 LARS is checked against a hand-written version of the paper's update (the authors'
 ``LARS.step`` in facebookresearch/barlowtwins), not against timm's code.
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.optim import (
+from training.shared.optim import (
     create_optimizer,
     create_scheduler,
     split_parameter_groups,
@@ -320,7 +320,7 @@ def test_bad_arguments_raise(call, match):
 
 
 def test_plan_steps_resolves_length_and_warmup():
-    from training.optim import plan_steps
+    from training.shared.optim import plan_steps
 
     # 1000 examples, 50 per step: 20 steps per epoch. The paper's 10 warm-up epochs by default.
     plan = plan_steps(1000, 50, num_train_epochs=20)

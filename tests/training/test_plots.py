@@ -1,4 +1,4 @@
-"""Tests for training.plots: the cross-correlation heat map and its summary numbers."""
+"""Tests for training.pretraining.plots: the cross-correlation heat map and its summary numbers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from modeling_barlow import cross_correlation
-from training.plots import _title, plot_cross_correlation, summarise_cross_correlation
+from training.pretraining.plots import _title, plot_cross_correlation, summarise_cross_correlation
 
 
 def numpy_summary(matrix: np.ndarray) -> tuple[float, float]:

@@ -20,7 +20,8 @@ from transformers import AutoModel
 import modeling_barlow.modeling_barlow_twins as modeling
 from tests.training.pretraining_inputs import TINY, digit_images, history
 from tests.cli import returning
-from training.pretrain import build_model, main
+from training.pretrain import main
+from training.pretraining.run import build_model
 
 pretrain = returning(main, "metrics.json")
 
@@ -118,7 +119,7 @@ def test_one_non_finite_loss_is_skipped_without_poisoning_the_weights(tmp_path, 
     "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
 ])
 def test_is_finite_later_reads_the_flag(device):
-    from training.collective import is_finite_later
+    from training.shared.distributed import is_finite_later
 
     values = torch.tensor([1.5, float("nan"), float("inf"), -float("inf"), 0.0], device=device)
     checks = [is_finite_later(v * 2) for v in values]  # all queued before any is read
@@ -170,7 +171,8 @@ def test_the_trainer_makes_batchnorm_global_only_across_processes(tmp_path, proc
 
     from barlow_cli import parse_arguments
     from modeling_barlow import GlobalBatchNorm
-    from training.pretrain import ARGUMENT_TYPES, prepare_model
+    from training.pretrain import ARGUMENT_TYPES
+    from training.pretraining.run import prepare_model
 
     from accelerate import PartialState
 
@@ -274,8 +276,8 @@ def test_hub_dataset_id_streams_from_the_local_cache_offline(tmp_path, monkeypat
 
 
 def test_crop_scale_blur_and_solarization_reach_the_augmentation(tmp_path, parquet_folder, monkeypatch):
-    import training.pretraining_data as data_module
-    from training.augment import BARLOW_TWINS_VIEW1, BARLOW_TWINS_VIEW2
+    import training.pretraining.data as data_module
+    from training.shared.augment import BARLOW_TWINS_VIEW1, BARLOW_TWINS_VIEW2
 
     made = []
 
@@ -297,7 +299,7 @@ def test_crop_scale_blur_and_solarization_reach_the_augmentation(tmp_path, parqu
 
 
 def test_lars_options_reach_the_optimizer(tmp_path, parquet_folder, monkeypatch):
-    import training.pretrain as pretrain_module
+    import training.pretraining.run as pretrain_module
 
     made, create_optimizer = [], pretrain_module.create_optimizer
 
@@ -361,7 +363,7 @@ def test_a_second_ctrl_c_stops_at_once_and_the_checkpoints_written_stay_complete
     import os
     import signal
 
-    from training.checkpointing import STATE_FILE, Checkpointer, find_latest_checkpoint
+    from training.shared.checkpointing import STATE_FILE, Checkpointer, find_latest_checkpoint
 
     real_save, pressed = Checkpointer.save, []
 
@@ -396,7 +398,7 @@ def test_the_knn_monitor_takes_k_and_temperature_from_the_command_line(tmp_path,
 
     from barlow_cli import parse_arguments
     from modeling_barlow import BarlowTwinsModel
-    from training.monitor import KnnMonitor
+    from training.pretraining.monitor import KnnMonitor
     from training.pretrain import ARGUMENT_TYPES
 
     knn_data = tmp_path / "knn"
@@ -410,7 +412,7 @@ def test_the_knn_monitor_takes_k_and_temperature_from_the_command_line(tmp_path,
     config = build_model(model_args).config
     monitor = KnnMonitor.create(out_args, config, Accelerator(cpu=True))
     assert (monitor.k, monitor.temperature) == (5, 0.5)
-    with caplog.at_level(logging.INFO, logger="training.monitor"):
+    with caplog.at_level(logging.INFO, logger="training.pretraining.monitor"):
         top1 = monitor.evaluate(BarlowTwinsModel(config).eval(), step=7)
     assert 0 <= top1 <= 1 and f"step 7: kNN top-1 {top1:.4f} (k=5, T=0.5)" in caplog.text
 
@@ -474,7 +476,7 @@ def test_torch_compile_compiles_the_model_under_its_memory_budget_and_saves_it_u
 def test_loader_workers_start_once_and_every_epoch_is_complete(tmp_path, parquet_folder, monkeypatch):
     # 96 images in 4 shards, batch 16: 6 full batches per epoch. With workers, one loader with
     # persistent workers serves all epochs; each epoch must still deliver all 6 batches.
-    import training.pretraining_data as data_module
+    import training.pretraining.data as data_module
 
     made = []
 

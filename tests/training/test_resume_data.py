@@ -14,8 +14,8 @@ import datasets
 import pytest
 import torch
 
-from training.data import prepare_stream
-from training.pretraining_data import PretrainingData
+from training.shared.data import prepare_stream
+from training.pretraining.data import PretrainingData
 
 BATCH = 4
 

@@ -17,7 +17,7 @@ from timm.optim import param_groups_weight_decay
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining
 from tests.conftest import TINY_RESNET
 from tests.training.pretraining_inputs import history
-from training.optim import create_optimizer, no_weight_decay_names, split_parameter_groups
+from training.shared.optim import create_optimizer, no_weight_decay_names, split_parameter_groups
 
 TINY_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 4}
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def test_no_weight_decay_names_are_empty_for_a_resnet():
 
 
 def test_lars_on_a_vit_warns_and_points_to_the_recipe(caplog):
-    with caplog.at_level(logging.WARNING, logger="training.optim"):
+    with caplog.at_level(logging.WARNING, logger="training.shared.optim"):
         create_optimizer(BarlowTwinsForPreTraining(BarlowTwinsConfig(**TINY_RESNET, image_size=32)), "lars", 0.2, 0.0048, 1e-6, 256)
         assert not caplog.records
         create_optimizer(_tiny_vit(), "lars", 0.2, 0.0048, 1e-6, 256)

@@ -38,10 +38,9 @@ from torch.utils.data import DataLoader
 
 from barlow_cli import CommandFailed, UsageError, parse_arguments, prepare_output_dir, run_command, setup_logging
 
-from ..arguments import DataArguments, OutputArguments, PretrainingArguments, shared_field
-from ..classifier_arguments import SupervisedDataArguments
-from ..collate import ImageCollator
-from ..labelled_data import data_identity
+from ..arguments import DataArguments, OutputArguments, PretrainingArguments, SupervisedDataArguments, shared_field
+from ..shared.collate import ImageCollator
+from ..shared.labelled_data import data_identity
 from .encoder import ImageEncoder, load_encoder
 from .store import INFO_FILE, RUN_FILE, RUN_FILES, ShardWriter, read_info, summarize, write_json_atomically, written_keys
 from .stream import INDEX_COLUMN, PATH_COLUMN, EmbeddingSource, keyed_stream, open_source

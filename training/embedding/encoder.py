@@ -28,8 +28,8 @@ from torch import nn
 
 from barlow_cli import UsageError
 
-from ..collate import decode_image
-from ..model_source import load_model_source
+from ..shared.collate import decode_image
+from ..shared.model_source import load_model_source
 
 __all__ = ["ImageEncoder", "load_encoder", "WORKING_MODELS"]
 

@@ -13,8 +13,8 @@ from PIL import Image as PILImage
 
 from barlow_cli import UsageError
 
-from ..collate import decode_image
-from ..data import load_image_dataset
+from ..shared.collate import decode_image
+from ..shared.data import load_image_dataset
 
 __all__ = ["SourceImages", "read_query_images"]
 

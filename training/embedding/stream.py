@@ -6,7 +6,7 @@ split. The index is exact with streaming, DataLoader workers and several process
 rebuilt as one generator shard per source shard, each knowing the index its first example has
 (map-style sources: arithmetic; streamed ones with several files: their sizes, counted once
 without decoding, each process counting its own share). Processes and loader workers then split
-that stream through :func:`training.data.prepare_stream`, as training does.
+that stream through :func:`training.shared.data.prepare_stream`, as training does.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import datasets
 
 from barlow_cli import UsageError
 
-from ..data import column_names, count_examples, load_image_dataset, prepare_stream, resolve_image_column, resolve_label_column
+from ..shared.data import column_names, count_examples, load_image_dataset, prepare_stream, resolve_image_column, resolve_label_column
 
 __all__ = ["EmbeddingSource", "INDEX_COLUMN", "PATH_COLUMN", "keyed_stream", "open_source"]
 

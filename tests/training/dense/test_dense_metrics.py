@@ -10,8 +10,8 @@ import torch
 from transformers import DetrImageProcessor
 from transformers.models.detr.modeling_detr import DetrObjectDetectionOutput
 
-from training.dense.data import DetectionCollator, SegmentationCollator, detection_transform, segmentation_transform
-from training.dense.metrics import evaluate_detection, evaluate_segmentation
+from training.finetuning.dense.data import DetectionCollator, SegmentationCollator, detection_transform, segmentation_transform
+from training.finetuning.dense.metrics import evaluate_detection, evaluate_segmentation
 
 from .scenes import digit_scenes
 

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from barlow_cli import parse_arguments
-from training.dense.data import DetectionCollator, SegmentationCollator, detection_transform, load_dense_data, \
+from training.finetuning.dense.data import DetectionCollator, SegmentationCollator, detection_transform, load_dense_data, \
     segmentation_transform
 from training.arguments import DataArguments
-from training.dense.arguments import DenseTaskArguments
-from training.dense.finetune import ARGUMENT_TYPES
-from training.dense.metrics import evaluate_segmentation
+from training.finetuning.dense.arguments import DenseTaskArguments
+from training.finetuning.dense.finetune import ARGUMENT_TYPES
+from training.finetuning.dense.metrics import evaluate_segmentation
 
 from .scenes import CLASSES, digit_scenes
 

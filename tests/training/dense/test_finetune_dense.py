@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsModel
-from training.dense.arguments import requested_task
+from training.finetuning.dense.arguments import requested_task
 
 from .scenes import CLASSES, digit_scenes, save_scene_dataset
 

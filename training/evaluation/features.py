@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .metrics import topk_accuracy
+from ..shared.metrics import topk_accuracy
 
 __all__ = ["extract_features", "knn_classify", "knn_top1", "knn_topk_accuracy"]
 

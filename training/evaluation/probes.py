@@ -19,10 +19,10 @@ from torch import nn
 
 from modeling_barlow import init_linear_evaluation_head
 
+from ..shared.labelled_data import LabelledData
+from ..shared.model_source import ModelSource
+from ..shared.optim import create_scheduler
 from .features import extract_features
-from .labelled_data import LabelledData
-from .optim import create_scheduler
-from .model_source import ModelSource
 
 __all__ = [
     "cached_features",

@@ -32,12 +32,11 @@ from tqdm.auto import tqdm
 
 from barlow_cli import parse_arguments, prepare_output_dir, run_command, setup_logging
 
-from ..arguments import DataArguments, HubArguments
-from ..checkpointing import append_history
-from ..classifier_arguments import PretrainedModelArguments
-from ..classifier_training import classifier_optimizer
-from ..collective import all_processes, create_accelerator
-from ..optim import create_scheduler, warmup_steps_from_epochs
+from ...arguments import DataArguments, HubArguments, PretrainedModelArguments
+from ...shared.checkpointing import append_history
+from ...shared.distributed import all_processes, create_accelerator
+from ...shared.optim import create_scheduler, warmup_steps_from_epochs
+from ..classifier import classifier_optimizer
 from .arguments import DenseFinetuningArguments, DenseTaskArguments
 from .data import DetectionCollator, SegmentationCollator, detection_transform, load_dense_data, segmentation_transform
 from .metrics import evaluate_detection, evaluate_segmentation

@@ -22,10 +22,10 @@ from torchvision.transforms import v2
 from barlow_cli import UsageError
 from modeling_barlow import BarlowTwinsConfig
 
-from .arguments import DataArguments, PretrainingArguments
-from .augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTransform
-from .collate import TwoViewCollator
-from .data import count_examples, is_local_source, load_image_dataset, prepare_stream, resolve_image_column
+from ..arguments import DataArguments, PretrainingArguments
+from ..shared.augment import TwoViewBatchAugmentation, TwoViewCropTransform, TwoViewTransform
+from ..shared.collate import TwoViewCollator
+from ..shared.data import count_examples, is_local_source, load_image_dataset, prepare_stream, resolve_image_column
 from .signals import ignore_interrupts
 
 __all__ = ["PretrainingData", "ResumableCollate", "load_pretraining_data"]

@@ -15,9 +15,8 @@ from typing import Any
 
 from barlow_cli import read_config_file
 
-from ..arguments import _positive
-from ..arguments import shared_field
-from ..classifier_arguments import FinetuningArguments, SupervisedDataArguments, check_finetuning_options
+from ...arguments import SupervisedDataArguments, _positive, shared_field
+from ..arguments import FinetuningArguments, check_finetuning_options
 
 
 __all__ = ["DENSE_TASKS", "DenseFinetuningArguments", "DenseTaskArguments", "requested_task"]

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 
 from barlow_cli import CommandFailed
 
-from .collective import is_finite_later
+from ..shared.distributed import is_finite_later
 
 __all__ = ["LossWindow", "NonFiniteLosses", "PretrainingStep"]
 

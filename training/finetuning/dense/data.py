@@ -6,8 +6,8 @@
   COCO's [x_min, y_min, width, height] by default) and `category` (class ids), as in HF's
   object-detection guide; a list of per-object dicts works too.
 
-Loading, column resolution, streaming and sharding are `training.data`'s; decoding and skipping
-unreadable images are `training.collate`'s (an unreadable image or mask skips its example and is
+Loading, column resolution, streaming and sharding are `training.shared.data`'s; decoding and skipping
+unreadable images are `training.shared.collate`'s (an unreadable image or mask skips its example and is
 counted). Image and annotation are transformed together with torchvision's v2 transforms, so a
 crop or flip moves boxes and masks with the pixels.
 """
@@ -29,8 +29,8 @@ from torchvision.transforms import v2
 
 from barlow_cli import UsageError
 
-from ..collate import ImageCollator, decode_image
-from ..data import count_examples, load_held_out_split, load_image_dataset, prepare_stream, resolve_image_column
+from ...shared.collate import ImageCollator, decode_image
+from ...shared.data import count_examples, load_held_out_split, load_image_dataset, prepare_stream, resolve_image_column
 
 __all__ = ["DenseData", "load_dense_data", "resolve_mask_column", "resolve_objects_column"]
 

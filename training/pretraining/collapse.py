@@ -22,8 +22,8 @@ from accelerate import Accelerator
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining, create_image_processor
 
-from .collate import decode_image
-from .model_source import processor_transform
+from ..shared.collate import decode_image
+from ..shared.model_source import processor_transform
 from .monitor import held_out_examples
 
 

@@ -20,9 +20,9 @@ from accelerate import Accelerator
 
 from barlow_cli import CommandFailed
 
-from .checkpointing import TrainerState
-from .collate import whole_batches
-from .collective import all_processes
+from ..shared.checkpointing import TrainerState
+from ..shared.collate import whole_batches
+from ..shared.distributed import all_processes
 from .signals import StopRequests
 
 __all__ = ["TrainingBatches", "MAX_UNUSABLE_BATCHES_IN_A_ROW"]

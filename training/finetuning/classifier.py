@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .collective import all_processes
-from .metrics import accuracy_from_counts, topk_correct
+from ..shared.distributed import all_processes
+from ..shared.metrics import accuracy_from_counts, topk_correct
 
 __all__ = [
     "FitSummary",
@@ -49,7 +49,7 @@ def classifier_optimizer(
 ) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW with one learning rate for the head and another for everything
     else; weight decay only on weights with more than one dimension (not biases or norms). Each
-    group records ``peak_lr`` for :func:`training.optim.create_scheduler`; frozen parameters are
+    group records ``peak_lr`` for :func:`training.shared.optim.create_scheduler`; frozen parameters are
     left out."""
     head_ids = {id(p) for p in head.parameters()}
     groups = []

@@ -13,12 +13,11 @@ from torch.utils.data import DataLoader
 
 from modeling_barlow import BarlowTwinsConfig, BarlowTwinsForPreTraining, create_image_processor, cross_correlation
 
-from .arguments import DataArguments
-from .classifier_arguments import SupervisedDataArguments
-from .data import load_held_out_split, load_image_dataset, prepare_stream, resolve_image_column
-from .features import extract_features, knn_top1
-from .labelled_data import load_labelled_data
-from .model_source import processor_transform
+from ..arguments import DataArguments, SupervisedDataArguments
+from ..evaluation import extract_features, knn_top1
+from ..shared.data import load_held_out_split, load_image_dataset, prepare_stream, resolve_image_column
+from ..shared.labelled_data import load_labelled_data
+from ..shared.model_source import processor_transform
 from .plots import plot_cross_correlation, summarise_cross_correlation
 
 
