@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean compat mutate
+.PHONY: setup test docs demo clean compat mutate
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ TEST_STAMP := $(VENV)/.installed-test
 # transformers' common model tests ship in its sdist, not its wheel: that of the installed version is
 # fetched through pip into $(VENV)/transformers-tests/<version> (tests/modeling/test_transformers_common.py).
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,index,demo,tracking,bench]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,docs,index,demo,tracking,bench]"
 	$(PY) tests/fetch_transformers_tests.py
 	if [ "$$(id -u)" = 0 ] && ! command -v chromedriver >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
@@ -31,9 +31,24 @@ $(TEST_STAMP): $(STAMP)
 # worker): the suite is mostly one busy core at a time, so on CI's 2 cores this cuts its time by a third
 # (14:07 -> 8:41 measured on a fresh clone, 2026-12-07).
 PYTEST_WORKERS ?= 2
+# The documentation site first (seconds): --strict fails on a broken link, anchor or API reference.
+# The suite then runs every example of README.md and docs/ (tests/test_docs_examples.py).
+# NO_MKDOCS_2_WARNING: Material for MkDocs prints a banner about MkDocs 2.0 on every build.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
 test: $(TEST_STAMP)
+	$(MKDOCS) build --strict --quiet --site-dir $(VENV)/site
 	$(PY) tests/fetch_transformers_tests.py >/dev/null  # nothing to do unless transformers changed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+
+# The documentation site (mkdocs.yml, docs/), served at http://127.0.0.1:8000 and rebuilt on every
+# change of the pages, ARCHITECTURE.md, benchmarks/RESULTS.md or modeling_barlow's docstrings.
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(MKDOCS) serve
 
 # Drift check: the newest release of every dependency within setup.py's ranges (only torch and
 # torchvision held, from local disk; no constraints.txt) in a separate venv, the whole suite with
@@ -42,7 +57,7 @@ COMPAT := .venv-compat
 compat:
 	rm -rf $(COMPAT) && $(PYTHON) -m venv $(COMPAT)
 	$(COMPAT)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(COMPAT)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,index,demo,tracking,bench]"
+	$(COMPAT)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,docs,index,demo,tracking,bench]"
 	$(COMPAT)/bin/python tests/fetch_transformers_tests.py
 	-HF_HUB_OFFLINE=1 $(COMPAT)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q -p no:cacheprovider --junitxml=$(COMPAT)/junit.xml
 	$(COMPAT)/bin/python benchmarks/compat.py --junit $(COMPAT)/junit.xml --output benchmarks/results/compat.json

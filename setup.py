@@ -49,7 +49,11 @@ setup(
     ],
     extras_require={
         # parameterized: transformers' common model tests (from its sdist, see tests/fetch_transformers_tests.py) import it.
-        "dev": ["pytest>=8.0,<10", "torchmetrics>=1.4,<2", "pycocotools>=2.0.7,<3", "parameterized>=0.9,<1", "pytest-xdist>=3.5,<4"],
+        # sybil: tests/test_docs_examples.py reads the fenced blocks of README.md and docs/ and runs each.
+        "dev": ["pytest>=8.0,<10", "torchmetrics>=1.4,<2", "pycocotools>=2.0.7,<3", "parameterized>=0.9,<1", "pytest-xdist>=3.5,<4",
+                "sybil>=10.0,<11"],
+        # The documentation site (mkdocs.yml): `make docs` serves it, `make test` builds it with --strict.
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.6,<10", "mkdocstrings[python]>=1.0,<2", "mkdocstrings-python>=2.0,<3"],
         # Dense fine-tuning (barlow-finetune --task object-detection / semantic-segmentation):
         # mAP (COCO protocol, pycocotools backend) and mIoU from torchmetrics.
         "dense": ["torchmetrics>=1.4,<2", "pycocotools>=2.0.7,<3"],

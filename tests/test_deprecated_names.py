@@ -17,7 +17,7 @@ OVERRIDE = re.compile(r"def test_gradient_checkpointing_enable_disable\(")
 def _our_files() -> list[Path]:
     folders = ["modeling_barlow", "training", "hub", "barlow_cli", "examples", "benchmarks", "tests"]
     files = [path for folder in folders for path in (ROOT / folder).rglob("*.py")]
-    return files + [ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "model_card.md"]
+    return files + [ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "model_card.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def test_no_deprecated_checkpointing_names():
