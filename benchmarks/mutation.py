@@ -39,10 +39,11 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "loss": (["modeling_barlow/loss.py"], ["tests/modeling/test_loss.py"]),
     "configuration": (["modeling_barlow/configuration_barlow_twins.py"],
                       ["tests/modeling/test_config.py", "tests/modeling/test_config_validation.py"]),
-    # test_loss.py runs the multi-process branches on a one-process gloo group.
+    # test_loss.py runs the multi-process branches on a one-process gloo group; the threads test on
+    # two ranks in one process (torch's threaded process group), where a world size of 2 shows.
     "distributed": (["modeling_barlow/distributed.py"],
                     ["tests/modeling/test_global_batchnorm.py", "tests/modeling/test_global_batchnorm_one_process.py",
-                     "tests/modeling/test_loss.py"]),
+                     "tests/modeling/test_global_batchnorm_threads.py", "tests/modeling/test_loss.py"]),
     # The rest of modeling_barlow, cheapest first. test_model_contract.py holds the loss of each
     # problem type, the processor's arithmetic and timm's initialisation; the common tests
     # (test_transformers_common.py, minutes) and the multi-process tests are left out.
@@ -56,9 +57,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "view_batchnorm": (["modeling_barlow/view_batchnorm.py"],
                        ["tests/modeling/test_view_batchnorm.py", "tests/modeling/test_views_in_batch.py", *NO_COMPILE]),
     "timm_network": (["modeling_barlow/timm_network.py"],
-                     ["tests/modeling/test_model_contract.py", "tests/modeling/test_backbone.py",
-                      "tests/modeling/test_init_weights.py", "tests/modeling/test_vit.py",
-                      "tests/modeling/test_modeling.py"]),
+                     ["tests/modeling/test_timm_network.py", "tests/modeling/test_model_contract.py",
+                      "tests/modeling/test_backbone.py", "tests/modeling/test_init_weights.py",
+                      "tests/modeling/test_vit.py", "tests/modeling/test_modeling.py"]),
     # Its hub-id test runs the code in a child process, which sees no mutant: left out (NO_HUB_CHILD).
     "dense_heads": (["modeling_barlow/dense_heads.py"], ["tests/modeling/test_dense_heads.py", *NO_HUB_CHILD]),
     "modeling_barlow_twins": (["modeling_barlow/modeling_barlow_twins.py"],
