@@ -1,4 +1,4 @@
-"""Tests for training/data.py and training/collate.py on small real images written to disk (no downloads)."""
+"""Tests for training/shared/data.py and training/shared/collate.py on small real images written to disk (no downloads)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from training import data
+from training.shared import data
 from training.shared.collate import LabelledCollator, TwoViewCollator, decode_image
 from training.shared.data import (
     DEFAULT_DATASET_NAME,

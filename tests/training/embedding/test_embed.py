@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
-from tests.embedding.conftest import info, run_cli
+from tests.training.embedding.conftest import info, run_cli
 from tests.training.pretraining_inputs import digit_images
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.embedding.conftest import info, run_cli
+from tests.training.embedding.conftest import info, run_cli
 from training.embedding.index import EmbeddingIndex, exact_top_k, faiss_available, near_duplicates
 
 

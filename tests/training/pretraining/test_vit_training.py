@@ -20,7 +20,7 @@ from tests.training.pretraining_inputs import history
 from training.shared.optim import create_optimizer, no_weight_decay_names, split_parameter_groups
 
 TINY_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 4}
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 RECIPE = REPO / "benchmarks" / "configs" / "vit_adamw.yaml"
 
 

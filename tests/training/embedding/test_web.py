@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.embedding.conftest import BIN, run_cli
+from tests.training.embedding.conftest import BIN, run_cli
 from tests.ports import free_port
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
