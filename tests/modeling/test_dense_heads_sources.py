@@ -133,6 +133,8 @@ def test_a_config_with_an_architecture_but_no_pretrained_cfg_is_not_a_timm_expor
      [2, 5, 8, 11]),
     ({"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"depth": 6, "embed_dim": 16, "num_heads": 1}},
      [1, 2, 3, 5]),  # round(6 k / 4) - 1
+    ({"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"depth": 5, "embed_dim": 16, "num_heads": 1}},
+     [0, 1, 3, 4]),  # Python rounds 2.5 to 2
     ({"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"depth": 3, "embed_dim": 16, "num_heads": 1}},
      [0, 1, 2]),
 ])
@@ -160,3 +162,12 @@ def test_upernet_on_two_stages_has_no_auxiliary_head_and_gets_its_settings(encod
     assert model.config.label2id == {"digit": 0, "shirt": 1, "shoe": 2}
     out = model.eval()(pixel_values=torch.randn(1, 3, 32, 32))
     assert out.logits.shape == (1, 3, 32, 32)
+
+
+def test_upernet_on_three_stages_has_an_auxiliary_head_on_the_third(encoder):
+    model = barlow_upernet_for_semantic_segmentation(encoder, LABELS, out_indices=[2, 3, 4], hidden_size=8,
+                                                     auxiliary_channels=8)
+    assert model.config.use_auxiliary_head and model.auxiliary_head is not None
+    assert model.auxiliary_head.in_channels == 128  # the third map read: layer4 (layer2, 3, 4 have 32, 64, 128)
+    out = model.train()(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.randint(0, 3, (2, 32, 32)))
+    assert torch.isfinite(out.loss)
