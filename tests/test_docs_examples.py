@@ -194,3 +194,23 @@ def test_conventions() -> None:
     first = [block for block in BLOCKS if block.page == ROOT / "README.md"][0]
     assert first.language == "bash" and first.source.startswith("make demo") and "\nmake test" in first.source
     assert len(RUNNABLE) >= 10
+
+
+def test_the_readme_followed_in_one_folder(tmp_path: Path) -> None:
+    """A reader who runs the README's examples one after another in one folder gets no collision (an
+    output folder that a later command refuses to overwrite, exit 2) and no example that undoes another."""
+    page = ROOT / "README.md"
+    for index, block in enumerate(block for block in BLOCKS if block.page == page and block.runs):
+        _run(block, tmp_path, tmp_path.parent / f"scratch-{index}")
+
+
+def test_the_getting_started_pages_in_reading_order(tmp_path: Path) -> None:
+    """The getting-started pages in the site's order, all in one folder: pretraining writes the
+    encoder that the features and fine-tuning pages then use (their stand-in is only for readers who
+    start there)."""
+    order = re.findall(r"getting-started/([\w-]+\.md)", (ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    assert order[0] == "pretraining.md", order
+    for page_index, name in enumerate(order):
+        page = ROOT / "docs" / "getting-started" / name
+        for index, block in enumerate(block for block in BLOCKS if block.page == page and block.runs):
+            _run(block, tmp_path, tmp_path.parent / f"scratch-{page_index}-{index}")
