@@ -4,10 +4,13 @@ inside it, and publishing works from the installed copy alone."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("modeling_barlow", "training", "hub", "barlow_cli")
 
 
-@pytest.mark.slow
-def test_publish_runs_from_an_installed_wheel(tmp_path):
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """The package built as a wheel from a clean copy and installed into its own folder (scripts in bin/)."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     source = tmp_path / "source"  # a clean copy: building in place would write build/ into the checkout
     source.mkdir()
     for name in ("setup.py", "README.md", "model_card.md", "MANIFEST.in"):
@@ -36,8 +41,47 @@ def test_publish_runs_from_an_installed_wheel(tmp_path):
     install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-3000:]
-    assert (site / "hub" / "model_card.md").is_file()
+    return site
 
+
+def _entry_points() -> dict[str, str]:
+    """setup.py's console scripts: name -> module (read from the file, not from the installed metadata)."""
+    return dict(re.findall(r'"(barlow-[a-z]+)=([\w.]+):main"', (ROOT / "setup.py").read_text(encoding="utf-8")))
+
+
+@pytest.mark.slow
+def test_every_entry_point_of_the_installed_wheel_prints_its_help(installed, tmp_path):
+    """Each console script, and `python -m` of each command module (the form `accelerate launch -m`
+    runs), from the installed copy alone: --help exits with 0 and prints the command's usage."""
+    scripts = _entry_points()
+    assert len(scripts) == 7 and "training.pretrain" in scripts.values()
+    # -S: no site-packages .pth files, so the checkout's editable install cannot fill in what the wheel
+    # lacks; the installed copy, then the dependencies, are the whole path. The checkout is not the cwd.
+    python = [sys.executable, "-S"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), sysconfig.get_paths()["purelib"]]),
+           "HF_HUB_OFFLINE": "1"}
+    commands = {name: [*python, str(installed / "bin" / name), "--help"] for name in scripts}
+    commands |= {f"-m {module}": [*python, "-m", module, "--help"] for module in scripts.values()}
+    where = (f"import importlib, sys; [importlib.import_module(m) for m in {sorted(scripts.values())!r}]; "
+             "print(*[m.__file__ for n, m in sys.modules.items() if n.split('.')[0] in {'training', 'hub'}])")
+    located = subprocess.run([*python, "-c", where], capture_output=True, text=True, cwd=tmp_path, env=env)
+    files = located.stdout.split()
+    assert located.returncode == 0 and len(files) > 20, located.stderr[-3000:]
+    assert all(path.startswith(str(installed)) for path in files), [p for p in files if not p.startswith(str(installed))]
+
+    def run(command: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = dict(zip(commands, pool.map(run, commands.values())))
+    failed = {name: (result.returncode, result.stderr[-1500:]) for name, result in results.items()
+              if result.returncode != 0 or not result.stdout.startswith("usage:")}
+    assert not failed, failed
+
+
+@pytest.mark.slow
+def test_publish_runs_from_an_installed_wheel(installed, tmp_path):
+    site = installed
     model_dir = tmp_path / "run"
     tiny_model().save_pretrained(model_dir)
     script = textwrap.dedent(f"""
