@@ -99,13 +99,14 @@ VIT = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads"
 @pytest.mark.parametrize("backbone,model_args,num_classes,head", [
     ("resnet18", {"channels": [8, 8, 16, 16]}, 5, ["fc.weight", "fc.bias"]),
     ("vit_tiny_patch16_224", VIT, 5, ["head.weight", "head.bias"]),
+    ("test_efficientnet", {}, 5, ["classifier.weight", "classifier.bias"]),
     # ConvNeXt's head holds a norm that its headless network keeps: nothing may be left out.
     ("convnext_atto", CONVNEXT, 0, []),
     pytest.param("convnext_atto", CONVNEXT, 5, ["head.fc.weight", "head.fc.bias"], marks=pytest.mark.xfail(
         strict=True, raises=ValueError,
         reason="known gap (#36 mutation testing): a ConvNeXt classifier export keeps head.fc, since the backbone "
                "owns head.norm and _timm_head_prefixes then leaves every head.* key in")),
-], ids=["resnet classifier", "vit classifier", "convnext encoder", "convnext classifier"])
+], ids=["resnet classifier", "vit classifier", "efficientnet classifier", "convnext encoder", "convnext classifier"])
 def test_a_timm_export_loads_without_a_classifier_head(tmp_path, backbone, model_args, num_classes, head):
     state = _timm_export(tmp_path / "export", backbone, model_args, num_classes=num_classes)
     config = encoder_backbone_config(tmp_path / "export")

@@ -88,3 +88,14 @@ def test_checkpointing_a_network_without_it_is_refused():
     with pytest.raises(ValueError) as error:
         model.activation_checkpointing_enable()
     assert str(error.value) == "timm's NoCheckpointing does not support gradient checkpointing."
+
+
+def test_a_new_model_is_not_checkpointing_and_takes_both_views_in_one_forward():
+    from modeling_barlow import BarlowTwinsForPreTraining
+
+    model = BarlowTwinsForPreTraining(BarlowTwinsConfig(**TINY_RESNET))
+    assert not model.is_activation_checkpointing
+    calls = []
+    model.barlow_twins.backbone.conv1.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    assert calls == [8]  # both views stacked, one forward (two forwards only under checkpointing)
