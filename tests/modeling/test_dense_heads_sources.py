@@ -79,18 +79,43 @@ def test_a_hub_id_without_weights_in_the_cache_is_refused(hub_cache):
         encoder_backbone_config("someone/config-only")
 
 
-def _timm_export(folder, backbone: str, model_args: dict, num_classes: int) -> dict[str, torch.Tensor]:
+PRETRAINED_CFG = {"input_size": [3, 32, 32], "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.15], "crop_pct": 0.875,
+                  "interpolation": "bilinear"}
+
+
+def _timm_export(folder, backbone: str, model_args: dict, num_classes: int,
+                 pretrained_cfg: dict = PRETRAINED_CFG) -> dict[str, torch.Tensor]:
     """A timm-format classifier folder as timm's push_to_hf_hub writes it; returns its weights."""
     network = timm.create_model(backbone, pretrained=False, num_classes=num_classes, **model_args)
     folder.mkdir()
     state = {k: v.contiguous() for k, v in network.state_dict().items()}
     save_file(state, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({
-        "architecture": backbone, "num_classes": num_classes, "model_args": model_args,
-        "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-                           "crop_pct": 0.875, "interpolation": "bilinear"},
+        "architecture": backbone, "num_classes": num_classes, "model_args": model_args, "pretrained_cfg": pretrained_cfg,
     }))
     return state
+
+
+def test_a_timm_export_gives_its_preprocessing_and_timms_defaults_where_it_has_none(tmp_path):
+    _timm_export(tmp_path / "full", "resnet18", {"channels": [8, 8, 16, 16]}, 0)
+    config = encoder_backbone_config(tmp_path / "full")
+    assert (config.image_size, config.image_mean, config.image_std) == (32, [0.5, 0.4, 0.3], [0.25, 0.2, 0.15])
+    assert (config.crop_pct, config.interpolation) == (0.875, "bilinear")
+    bare = {"input_size": [3, 48, 48], "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.15]}
+    # test_resnet's own timm default is bilinear: a folder that names no filter still gets bicubic.
+    _timm_export(tmp_path / "bare", "test_resnet", {}, 0, pretrained_cfg=bare)
+    config = encoder_backbone_config(tmp_path / "bare")
+    assert (config.image_size, config.crop_pct, config.interpolation) == (48, 1.0, "bicubic")
+
+
+def test_an_encoder_model_itself_is_an_encoder(tmp_path):
+    from modeling_barlow import BarlowTwinsModel
+
+    encoder = BarlowTwinsModel(BarlowTwinsConfig(**TINY_RESNET, image_size=40))
+    assert encoder_backbone_config(encoder).image_size == 40
+    backbone = BarlowTwinsBackbone(encoder_backbone_config(encoder))
+    load_encoder_into_backbones(backbone, encoder)
+    torch.testing.assert_close(backbone.barlow_twins.backbone.conv1.weight, encoder.backbone.conv1.weight, rtol=0, atol=0)
 
 
 VIT = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 1}
