@@ -113,6 +113,7 @@ def test_an_encoder_model_itself_is_an_encoder(tmp_path):
 
     encoder = BarlowTwinsModel(BarlowTwinsConfig(**TINY_RESNET, image_size=40))
     assert encoder_backbone_config(encoder).image_size == 40
+    assert encoder_backbone_config(encoder).out_indices == [4]  # the last of stem, layer1 .. layer4
     backbone = BarlowTwinsBackbone(encoder_backbone_config(encoder))
     load_encoder_into_backbones(backbone, encoder)
     torch.testing.assert_close(backbone.barlow_twins.backbone.conv1.weight, encoder.backbone.conv1.weight, rtol=0, atol=0)
@@ -197,3 +198,9 @@ def test_upernet_on_three_stages_has_an_auxiliary_head_on_the_third(encoder):
     assert model.auxiliary_head.in_channels == 128  # the third map read: layer4 (layer2, 3, 4 have 32, 64, 128)
     out = model.train()(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.randint(0, 3, (2, 32, 32)))
     assert torch.isfinite(out.loss)
+
+
+def test_an_encoder_saved_in_bfloat16_is_read_in_float32(tmp_path):
+    model = BarlowTwinsForPreTraining(BarlowTwinsConfig(**TINY_RESNET)).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    assert encoder_backbone_config(tmp_path / "bf16").dtype == torch.float32
