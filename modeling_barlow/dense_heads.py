@@ -84,7 +84,8 @@ def _read_encoder(source: EncoderSource) -> tuple[BarlowTwinsConfig, dict[str, t
             crop_pct=data.get("crop_pct", 1.0), interpolation=data.get("interpolation", "bicubic"),
         )
         weights = load_file(folder / "model.safetensors")
-        return config, {k: v for k, v in weights.items() if not k.startswith(_timm_head_prefixes(config))}
+        own = _backbone_keys(config)
+        return config, {k: v for k, v in weights.items() if k in own or not k.startswith(_TIMM_HEADS)}
     try:
         encoder = BarlowTwinsModel.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as error:
@@ -95,12 +96,14 @@ def _read_encoder(source: EncoderSource) -> tuple[BarlowTwinsConfig, dict[str, t
     return encoder.config, {k: v.detach() for k, v in encoder.backbone.state_dict().items()}
 
 
-def _timm_head_prefixes(config: BarlowTwinsConfig) -> tuple[str, ...]:
-    # A timm-format classifier export also holds its head; the backbone has none.
+# A timm-format classifier export also holds its classifier, under one of these; the backbone has
+# none, though it may own other tensors there (ConvNeXt's head.norm), so keys are dropped one by one.
+_TIMM_HEADS = ("fc.", "head.", "classifier.")
+
+
+def _backbone_keys(config: BarlowTwinsConfig) -> set[str]:
     with torch.device("meta"):
-        network = BarlowTwinsModel(config).backbone
-    own = {name.split(".")[0] for name in network.state_dict()}
-    return tuple(f"{name}." for name in ("fc", "head", "classifier") if name not in own)
+        return set(BarlowTwinsModel(config).backbone.state_dict())
 
 
 def encoder_backbone_config(encoder: EncoderSource, out_indices: list[int] | None = None) -> BarlowTwinsConfig:

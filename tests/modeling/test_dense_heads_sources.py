@@ -128,10 +128,7 @@ VIT = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads"
     ("test_efficientnet", {}, 5, ["classifier.weight", "classifier.bias"]),
     # ConvNeXt's head holds a norm that its headless network keeps: nothing may be left out.
     ("convnext_atto", CONVNEXT, 0, []),
-    pytest.param("convnext_atto", CONVNEXT, 5, ["head.fc.weight", "head.fc.bias"], marks=pytest.mark.xfail(
-        strict=True, raises=ValueError,
-        reason="known gap (#36 mutation testing): a ConvNeXt classifier export keeps head.fc, since the backbone "
-               "owns head.norm and _timm_head_prefixes then leaves every head.* key in")),
+    ("convnext_atto", CONVNEXT, 5, ["head.fc.weight", "head.fc.bias"]),  # the backbone owns head.norm
 ], ids=["resnet classifier", "vit classifier", "efficientnet classifier", "convnext encoder", "convnext classifier"])
 def test_a_timm_export_loads_without_a_classifier_head(tmp_path, backbone, model_args, num_classes, head):
     state = _timm_export(tmp_path / "export", backbone, model_args, num_classes=num_classes)
