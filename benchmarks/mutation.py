@@ -35,7 +35,7 @@ NO_HUB_CHILD = ["--deselect", "tests/modeling/test_dense_heads.py::test_a_hub_id
 # module: (files mutated, the fast in-process test files that guard them)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "barlow_cli": (["barlow_cli/*.py"], ["tests/test_barlow_cli.py"]),
-    "store": (["training/embedding/store.py"], ["tests/embedding/test_store.py"]),
+    "store": (["training/embedding/store.py"], ["tests/training/embedding/test_store.py"]),
     "loss": (["modeling_barlow/loss.py"], ["tests/modeling/test_loss.py"]),
     "configuration": (["modeling_barlow/configuration_barlow_twins.py"],
                       ["tests/modeling/test_config.py", "tests/modeling/test_config_validation.py"]),
