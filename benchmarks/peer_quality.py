@@ -174,17 +174,27 @@ def evaluate(args: argparse.Namespace) -> None:
     cap = [*(["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else []),
            *(["--max_eval_samples", str(args.max_eval_samples)] if args.max_eval_samples else []),
            *(["--linear_epochs", str(args.linear_epochs)] if args.linear_epochs else [])]
-    for side in SIDES:
-        for seed in args.seeds:
-            for step, folder in checkpoint_steps(run_dir(args, side, seed)):
-                out = args.work_dir / "eval" / f"{side}-seed{seed}" / folder.name
-                if (out / "eval_results.json").is_file():
-                    continue
-                run_logged([BIN / "barlow-eval", "--model_name_or_path", folder, "--dataset_name", data_dir(args),
-                            "--no_streaming", "--eval_split", "test", "--protocol", "linear", "knn", "--knn_k", "20",
-                            "--no_cache_features", "--dataloader_num_workers", str(args.workers), *cap,
-                            "--mixed_precision", "bf16" if bf16(args) else "no",
-                            "--output_dir", out, "--overwrite_output_dir"], f"eval-{side}-seed{seed}", args)
+    for side, seed, folder in evaluation_order(args):
+        out = args.work_dir / "eval" / f"{side}-seed{seed}" / folder.name
+        if (out / "eval_results.json").is_file():
+            continue
+        run_logged([BIN / "barlow-eval", "--model_name_or_path", folder, "--dataset_name", data_dir(args),
+                    "--no_streaming", "--eval_split", "test", "--protocol", "linear", "knn", "--knn_k", "20",
+                    "--no_cache_features", "--dataloader_num_workers", str(args.workers), *cap,
+                    "--mixed_precision", "bf16" if bf16(args) else "no",
+                    "--output_dir", out, "--overwrite_output_dir"], f"eval-{side}-seed{seed}", args)
+
+
+def evaluation_order(args: argparse.Namespace) -> list[tuple[str, int, Path]]:
+    """(side, seed, checkpoint folder) of every checkpoint: each run's newest first, by seed, ours
+    before lightly, so the equal-steps comparison is readable before the curves are; then the rest."""
+    newest, rest = [], []
+    for seed in args.seeds:
+        for side in SIDES:
+            found = checkpoint_steps(run_dir(args, side, seed))
+            newest += [(side, seed, folder) for _, folder in found[-1:]]
+            rest += [(side, seed, folder) for _, folder in found[:-1]]
+    return newest + rest
 
 
 def timing(args: argparse.Namespace) -> dict:
