@@ -14,6 +14,9 @@ On our backbone, for a like-for-like encoder: the timm ResNet-18 with the small-
 Fastest CPU setting: channels-last, the forward under bf16 autocast where the CPU has bf16
 instructions (the loss in fp32, as ours), and both views in one forward (``joint_views``, as
 lightly's ImageNet benchmark; its CIFAR-10 benchmark runs one forward per view).
+
+Ablation (``optimizer="ours"``): the same, with our LARS, parameter groups, warm-up and cosine
+schedule and loss scale in place of lightly's SGD, to tell the optimiser's share of a gap.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ RECIPE = {
     "optimizer": "SGD lr 0.06 x batch / 128, momentum 0.9, weight decay 5e-4, cosine to 0 per step, no warm-up "
                  "(lightly's CIFAR-10 benchmark)",
 }
+OUR_OPTIMIZER = ("ablation (--lightly_optimizer ours): our LARS, parameter groups, warm-up and cosine schedule and "
+                 "loss scale from configs/fmnist_small_image.yaml, in place of lightly's SGD")
+OPTIMIZERS = ("sgd", "ours")
 HEAD_DIMS = (2048, 2048)
 STATE_FILE = "lightly_training_state.pt"
 
@@ -71,28 +77,55 @@ class LightlyBarlowTwins(nn.Module):
         return self.head(self.encoder.backbone(x))
 
 
-def build(config, batch_size: int, total_steps: int, bf16: bool, joint_views: bool = True, seed: int = 0):
-    """(model, optimizer, scheduler, step): ``step(x1, x2)`` is one training step, returning the loss."""
+def _our_optimizer(model: nn.Module, batch_size: int, total_steps: int):
+    """(optimizer, scheduler, loss scale) of our recipe, for the ablation ``optimizer="ours"``: LARS
+    over our two parameter groups with configs/fmnist_small_image.yaml's settings, warm-up of a tenth
+    of the steps then cosine, as barlow-pretrain builds them in peer_quality's "ours" runs."""
+    import math
+
+    import yaml
+    from fashion_mnist import SMALL_IMAGE_CONFIG
+
+    from training.shared.optim import create_optimizer, create_scheduler
+
+    recipe = yaml.safe_load(SMALL_IMAGE_CONFIG.read_text())
+    optimizer = create_optimizer(model, "lars", recipe["learning_rate_weights"], recipe["learning_rate_biases"],
+                                 recipe["weight_decay"], batch_size)
+    scheduler = create_scheduler(optimizer, total_steps, math.ceil(0.1 * total_steps))
+    return optimizer, scheduler, recipe["loss_scale"]
+
+
+def build(config, batch_size: int, total_steps: int, bf16: bool, joint_views: bool = True, seed: int = 0,
+          optimizer: str = "sgd"):
+    """(model, optimizer, scheduler, step): ``step(x1, x2)`` is one training step, returning the loss.
+
+    ``optimizer``: ``"sgd"``, lightly's recipe; ``"ours"``, an ablation that swaps in our optimiser,
+    schedule and loss scale (:func:`_our_optimizer`) and keeps everything else lightly's."""
     from lightly.loss import BarlowTwinsLoss
 
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     torch.manual_seed(seed)
     model = LightlyBarlowTwins(config).train().to(memory_format=torch.channels_last)
     criterion = BarlowTwinsLoss(lambda_param=5e-3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.06 * batch_size / 128, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+    if optimizer == "sgd":
+        sgd = torch.optim.SGD(model.parameters(), lr=0.06 * batch_size / 128, momentum=0.9, weight_decay=5e-4)
+        optim, scheduler, loss_scale = sgd, torch.optim.lr_scheduler.CosineAnnealingLR(sgd, total_steps), 1.0
+    else:
+        optim, scheduler, loss_scale = _our_optimizer(model, batch_size, total_steps)
 
     def step(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             z1, z2 = model(torch.cat([x1, x2])).chunk(2) if joint_views else (model(x1), model(x2))
         loss = criterion(z1.float(), z2.float())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        (loss_scale * loss).backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
         scheduler.step()
         return loss.detach()
 
-    return model, optimizer, scheduler, step
+    return model, optim, scheduler, step
 
 
 class _Pairs(torch.utils.data.Dataset):
@@ -144,7 +177,8 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _save(run_dir: Path, step: int, model, optimizer, scheduler, wall_time_s: float) -> Path:
+def _save(run_dir: Path, step: int, max_steps: int, optimizer_name: str, model, optimizer, scheduler,
+          wall_time_s: float) -> Path:
     """checkpoint-<step>: the encoder as barlow-eval reads it, and the training state to resume; atomic."""
     from modeling_barlow import create_image_processor
 
@@ -152,8 +186,9 @@ def _save(run_dir: Path, step: int, model, optimizer, scheduler, wall_time_s: fl
     shutil.rmtree(partial, ignore_errors=True)
     model.encoder.save_pretrained(partial)
     create_image_processor(model.encoder.config).save_pretrained(partial)
-    torch.save({"step": step, "max_steps": scheduler.T_max, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "wall_time_s": wall_time_s}, partial / STATE_FILE)
+    torch.save({"step": step, "max_steps": max_steps, "optimizer_name": optimizer_name, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "wall_time_s": wall_time_s},
+               partial / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     return final
@@ -161,19 +196,23 @@ def _save(run_dir: Path, step: int, model, optimizer, scheduler, wall_time_s: fl
 
 def pretrain(run_dir: Path, images: np.ndarray, *, seed: int, batch_size: int, max_steps: int,
              checkpointing_steps: int, bf16: bool, joint_views: bool, backbone_kwargs: dict,
-             resume: bool, num_workers: int = 1, logging_steps: int = 20) -> dict:
+             resume: bool, num_workers: int = 1, logging_steps: int = 20, optimizer_name: str = "sgd") -> dict:
     """Train to ``max_steps``, a checkpoint every ``checkpointing_steps`` and at the end; with
     ``resume``, from the newest checkpoint in ``run_dir``. Appends to log_history.jsonl; returns
-    the final metrics (also written to metrics.json)."""
+    the final metrics (also written to metrics.json). ``optimizer_name``: see :func:`build`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config = encoder_config(backbone_kwargs, projector_dims=[HEAD_DIMS[0], *HEAD_DIMS])  # the head's widths
-    model, optimizer, scheduler, step_fn = build(config, batch_size, max_steps, bf16, joint_views, seed)
+    model, optimizer, scheduler, step_fn = build(config, batch_size, max_steps, bf16, joint_views, seed,
+                                                 optimizer_name)
     start, wall_before = 0, 0.0
     if resume and checkpoints(run_dir):
         state = torch.load(checkpoints(run_dir)[-1][1] / STATE_FILE, weights_only=True)
         if state.get("max_steps") != max_steps:  # the cosine schedule's length is in the checkpoint
             raise ValueError(f"{run_dir} was started for {state.get('max_steps')} steps, not {max_steps}: resume "
                              f"with the same --max_steps.")
+        if state.get("optimizer_name", "sgd") != optimizer_name:  # checkpoints older than the option are "sgd"
+            raise ValueError(f"{run_dir} was trained with --lightly_optimizer {state.get('optimizer_name', 'sgd')}, "
+                             f"not {optimizer_name}: resume with the same, or use another --work_dir.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -200,9 +239,10 @@ def pretrain(run_dir: Path, images: np.ndarray, *, seed: int, batch_size: int, m
                 print(json.dumps(entry), flush=True)
                 window_start, losses = time.perf_counter(), []
             if step % checkpointing_steps == 0 or step == max_steps:
-                _save(run_dir, step, model, optimizer, scheduler, round(wall, 2))
+                _save(run_dir, step, max_steps, optimizer_name, model, optimizer, scheduler, round(wall, 2))
+    recipe = RECIPE if optimizer_name == "sgd" else {**RECIPE, "optimizer": OUR_OPTIMIZER}
     metrics = {"global_step": max_steps, "wall_time_s": round(wall_before + time.perf_counter() - started, 2),
-               "bf16": bf16, "joint_views": joint_views, "recipe": RECIPE, "seed": seed, "batch_size": batch_size,
+               "bf16": bf16, "joint_views": joint_views, "recipe": recipe, "seed": seed, "batch_size": batch_size,
                "num_train_examples": len(images), "pid": os.getpid()}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -14,7 +14,8 @@ checkpoint at --checkpoints evenly spaced steps:
   tenth of the steps, ``--mixed_precision bf16`` (where the CPU has bf16) and ``--channels_last``;
 * lightly: benchmarks/peer_lightly.py, lightly's head, loss, transforms and optimiser as it
   recommends for 32 px images, in bf16 (same condition) and channels-last, both views in one forward
-  (``--lightly_views separate`` for one forward each).
+  (``--lightly_views separate`` for one forward each). ``--lightly_optimizer ours`` is an ablation:
+  lightly's side with our optimiser, schedule and loss scale (run it in its own --work_dir).
 
 Each checkpoint is evaluated by the installed ``barlow-eval`` on the full test split (linear
 probe and kNN, k 20). Step times come from one alternating run of both training steps
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed_precision", choices=["auto", "bf16", "no"], default="auto",
                         help="auto: bf16 where lscpu shows AVX512-BF16 or AMX, both sides")
     parser.add_argument("--lightly_views", choices=["joint", "separate"], default="joint")
+    parser.add_argument("--lightly_optimizer", choices=["sgd", "ours"], default="sgd",
+                        help="sgd: lightly's recipe; ours: an ablation with our LARS, schedule and loss scale on "
+                             "lightly's side (use its own --work_dir)")
     parser.add_argument("--workers", type=int, default=1, help="loader workers of each run")
     parser.add_argument("--max_train_samples", type=int, help="a smoke run's subset (pretraining and probes)")
     parser.add_argument("--max_eval_samples", type=int, help="a smoke run's test subset")
@@ -158,6 +162,7 @@ def lightly_pretrain(args: argparse.Namespace) -> None:
         max_steps=args.max_steps, checkpointing_steps=args.max_steps // args.checkpoints, bf16=bf16(args),
         joint_views=args.lightly_views == "joint", backbone_kwargs=json.loads(args.backbone_kwargs),
         resume=args.resume_from_checkpoint == "latest", num_workers=args.workers,
+        optimizer_name=args.lightly_optimizer,
     )
     print(json.dumps(metrics))
 
@@ -218,7 +223,8 @@ def timing(args: argparse.Namespace) -> dict:
     with mock.patch.object(train_step_cpu, "_config", lambda hp: config):
         _, _, ours_step = train_step_cpu.build_ours(train_step_cpu._paper_hyper_parameters(), args.batch_size,
                                                     compile=False, bf16=use_bf16)
-    _, _, _, lightly_step = build_lightly(config, args.batch_size, 10**6, use_bf16, args.lightly_views == "joint")
+    _, _, _, lightly_step = build_lightly(config, args.batch_size, 10**6, use_bf16, args.lightly_views == "joint",
+                                          optimizer=args.lightly_optimizer)
     x1, x2 = train_step_cpu._inputs(args.batch_size)
     steps = {"ours": ours_step, "lightly": lightly_step}
     contenders = {side: (lambda step=step: timed(lambda: step(x1, x2))) for side, step in steps.items()}
@@ -247,7 +253,7 @@ def _lscpu() -> dict:
 
 def report(args: argparse.Namespace) -> dict:
     """Margins, every run's numbers and the picture, from the evaluations and W/step_times.json."""
-    from peer_lightly import RECIPE
+    from peer_lightly import OUR_OPTIMIZER, RECIPE
     from peer_margins import margins
 
     step_times = json.loads((args.work_dir / "step_times.json").read_text())
@@ -286,7 +292,8 @@ def report(args: argparse.Namespace) -> dict:
             "mixed_precision": "bf16 autocast, both sides" if bf16(args) else "fp32 (no bf16 instructions), both sides",
             "ours": f"barlow-pretrain, configs/fmnist_small_image.yaml (LARS), projector {args.projector_dims}, "
                     "no blur, crops 0.08-1, warm-up 10% of the steps, channels-last",
-            "lightly": {**RECIPE, "views": f"{args.lightly_views} forward", "memory_format": "channels-last"},
+            "lightly": {**RECIPE, **({"optimizer": OUR_OPTIMIZER} if args.lightly_optimizer == "ours" else {}),
+                        "views": f"{args.lightly_views} forward", "memory_format": "channels-last"},
             "evaluation": "barlow-eval --protocol linear knn --knn_k 20 --eval_split test (SGD linear probe, "
                           f"{args.linear_epochs or 100} epochs; features under "
                           f"{'bf16 autocast' if bf16(args) else 'fp32'}), one evaluator for both sides",
