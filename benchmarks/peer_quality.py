@@ -325,8 +325,9 @@ def plot(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:
                       linewidth=0.8, alpha=0.5)
         steps = sorted(set.intersection(*({p["step"] for p in points} for points in runs[side].values())))
         by_step = [[p for points in runs[side].values() for p in points if p["step"] == s] for s in steps]
+        seeds = f"{len(runs[side])} seed{'s' if len(runs[side]) > 1 else ''}"
         axes.plot([ps[0]["minutes"] for ps in by_step], [100 * np.mean([p["linear_top1"] for p in ps]) for ps in by_step],
-                  color=colour, linewidth=2.5, label=f"{side} (mean of {len(runs[side])} seeds)")
+                  color=colour, linewidth=2.5, label=f"{side} (mean of {seeds})")
     axes.set_xlabel("wall-clock minutes (steps x median step time)")
     axes.set_ylabel("linear top-1 (%), Fashion-MNIST test")
     axes.grid(alpha=0.3)
