@@ -21,10 +21,11 @@ from modeling_barlow import BarlowTwinsModel  # noqa: E402
 TINY = {"channels": [8, 16, 16, 32]}
 
 
-def _train(run_dir: Path, images: np.ndarray, max_steps: int, resume: bool = False) -> dict:
+def _train(run_dir: Path, images: np.ndarray, max_steps: int, resume: bool = False,
+           optimizer_name: str = "sgd") -> dict:
     return peer_lightly.pretrain(run_dir, images, seed=0, batch_size=16, max_steps=max_steps, checkpointing_steps=1,
                                  bf16=False, joint_views=True, backbone_kwargs=TINY, resume=resume, num_workers=0,
-                                 logging_steps=1)
+                                 logging_steps=1, optimizer_name=optimizer_name)
 
 
 def test_checkpoints_hold_the_trained_encoder_and_resume(tmp_path):
@@ -57,3 +58,38 @@ def test_checkpoints_hold_the_trained_encoder_and_resume(tmp_path):
     weights = {s: torch.cat([v.flatten().float() for k, v in BarlowTwinsModel.from_pretrained(run / f"checkpoint-{s}")
                              .state_dict().items() if k.endswith("weight")]) for s in (1, 3, 4)}
     assert (weights[4] - weights[3]).norm() < (weights[4] - weights[1]).norm()
+
+
+def test_the_optimiser_ablation_is_our_recipe_and_is_not_mixed_on_resume(tmp_path):
+    """--lightly_optimizer ours: LARS with configs/fmnist_small_image.yaml's rates scaled by batch / 256
+    (weights 6.0, biases 0.3; weight decay 1e-4 on weights only), a warm-up of a tenth of the steps, the
+    loss scaled by 0.1; lightly's SGD otherwise. A run is resumed only with the optimiser it started with."""
+    from timm.optim import Lars
+
+    config = peer_lightly.encoder_config(TINY, projector_dims=[2048, 2048, 2048])
+    model, optimizer, scheduler, _ = peer_lightly.build(config, batch_size=64, total_steps=100, bf16=False,
+                                                        optimizer="ours")
+    assert isinstance(optimizer, Lars)
+    weights, biases = optimizer.param_groups
+    assert (weights["peak_lr"], biases["peak_lr"]) == pytest.approx((6.0 * 64 / 256, 0.3 * 64 / 256))
+    assert (weights["weight_decay"], biases["weight_decay"]) == (1e-4, 0.0)
+    assert {id(p) for p in weights["params"]} == {id(p) for p in model.parameters() if p.ndim > 1}
+    assert weights["lr"] == 0.0  # the warm-up starts at 0 and reaches the peak at step 10
+    for _ in range(10):
+        scheduler.step()
+    assert weights["lr"] == pytest.approx(6.0 * 64 / 256)
+    _, sgd, _, _ = peer_lightly.build(config, batch_size=64, total_steps=100, bf16=False)
+    assert type(sgd) is torch.optim.SGD and sgd.param_groups[0]["lr"] == pytest.approx(0.06 * 64 / 128)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        peer_lightly.build(config, batch_size=64, total_steps=100, bf16=False, optimizer="adam")
+
+    images = np.random.default_rng(0).integers(0, 256, size=(32, 28, 28), dtype=np.uint8)
+    run = tmp_path / "run"
+    metrics = _train(run, images, max_steps=2, optimizer_name="ours")
+    assert "ablation" in metrics["recipe"]["optimizer"]
+    shutil.rmtree(run / "checkpoint-2")
+    (run / "metrics.json").unlink()
+    with pytest.raises(ValueError, match="trained with --lightly_optimizer ours, not sgd"):
+        _train(run, images, max_steps=2, resume=True)
+    _train(run, images, max_steps=2, resume=True, optimizer_name="ours")
+    assert [step for step, _ in peer_lightly.checkpoints(run)] == [1, 2]
