@@ -45,6 +45,7 @@ RECIPE = {
 OUR_OPTIMIZER = ("ablation (--lightly_optimizer ours): our LARS, parameter groups, warm-up and cosine schedule and "
                  "loss scale from configs/fmnist_small_image.yaml, in place of lightly's SGD")
 OPTIMIZERS = ("sgd", "ours")
+OUR_WARMUP_RATIO = 0.1  # our runs' warm-up, a share of the steps (peer_quality's barlow-pretrain --warmup_ratio)
 HEAD_DIMS = (2048, 2048)
 STATE_FILE = "lightly_training_state.pt"
 
@@ -77,6 +78,11 @@ class LightlyBarlowTwins(nn.Module):
         return self.head(self.encoder.backbone(x))
 
 
+def recipe(optimizer: str = "sgd") -> dict:
+    """What lightly's side runs, in words: :data:`RECIPE`, its optimiser replaced for the ablation."""
+    return RECIPE if optimizer == "sgd" else {**RECIPE, "optimizer": OUR_OPTIMIZER}
+
+
 def _our_optimizer(model: nn.Module, batch_size: int, total_steps: int):
     """(optimizer, scheduler, loss scale) of our recipe, for the ablation ``optimizer="ours"``: LARS
     over our two parameter groups with configs/fmnist_small_image.yaml's settings, warm-up of a tenth
@@ -91,7 +97,7 @@ def _our_optimizer(model: nn.Module, batch_size: int, total_steps: int):
     recipe = yaml.safe_load(SMALL_IMAGE_CONFIG.read_text())
     optimizer = create_optimizer(model, "lars", recipe["learning_rate_weights"], recipe["learning_rate_biases"],
                                  recipe["weight_decay"], batch_size)
-    scheduler = create_scheduler(optimizer, total_steps, math.ceil(0.1 * total_steps))
+    scheduler = create_scheduler(optimizer, total_steps, math.ceil(OUR_WARMUP_RATIO * total_steps))
     return optimizer, scheduler, recipe["loss_scale"]
 
 
@@ -240,9 +246,8 @@ def pretrain(run_dir: Path, images: np.ndarray, *, seed: int, batch_size: int, m
                 window_start, losses = time.perf_counter(), []
             if step % checkpointing_steps == 0 or step == max_steps:
                 _save(run_dir, step, max_steps, optimizer_name, model, optimizer, scheduler, round(wall, 2))
-    recipe = RECIPE if optimizer_name == "sgd" else {**RECIPE, "optimizer": OUR_OPTIMIZER}
     metrics = {"global_step": max_steps, "wall_time_s": round(wall_before + time.perf_counter() - started, 2),
-               "bf16": bf16, "joint_views": joint_views, "recipe": recipe, "seed": seed, "batch_size": batch_size,
+               "bf16": bf16, "joint_views": joint_views, "recipe": recipe(optimizer_name), "seed": seed, "batch_size": batch_size,
                "num_train_examples": len(images), "pid": os.getpid()}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

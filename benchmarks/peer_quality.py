@@ -117,6 +117,7 @@ def data_dir(args: argparse.Namespace) -> Path:
 def ours_command(args: argparse.Namespace, seed: int, resume: bool) -> list[str]:
     """barlow-pretrain with the recipe of benchmarks/fashion_mnist.py (its own argument list)."""
     from fashion_mnist import _pretrain_args
+    from peer_lightly import OUR_WARMUP_RATIO
 
     recipe = argparse.Namespace(
         backbone_kwargs=args.backbone_kwargs, image_size=32, projector_dims=args.projector_dims,
@@ -128,7 +129,7 @@ def ours_command(args: argparse.Namespace, seed: int, resume: bool) -> list[str]
              "--dataloader_num_workers", str(args.workers)]
     out = run_dir(args, "ours", seed)
     command = [BIN / "barlow-pretrain", *_pretrain_args(recipe, data_dir(args), out, "1000", speed, cap),
-               "--max_train_steps", str(args.max_steps), "--warmup_ratio", "0.1",
+               "--max_train_steps", str(args.max_steps), "--warmup_ratio", str(OUR_WARMUP_RATIO),
                "--checkpointing_steps", str(args.max_steps // args.checkpoints)]
     from training.shared.checkpointing import find_latest_checkpoint
 
@@ -253,7 +254,7 @@ def _lscpu() -> dict:
 
 def report(args: argparse.Namespace) -> dict:
     """Margins, every run's numbers and the picture, from the evaluations and W/step_times.json."""
-    from peer_lightly import OUR_OPTIMIZER, RECIPE
+    from peer_lightly import recipe
     from peer_margins import margins
 
     step_times = json.loads((args.work_dir / "step_times.json").read_text())
@@ -292,8 +293,8 @@ def report(args: argparse.Namespace) -> dict:
             "mixed_precision": "bf16 autocast, both sides" if bf16(args) else "fp32 (no bf16 instructions), both sides",
             "ours": f"barlow-pretrain, configs/fmnist_small_image.yaml (LARS), projector {args.projector_dims}, "
                     "no blur, crops 0.08-1, warm-up 10% of the steps, channels-last",
-            "lightly": {**RECIPE, **({"optimizer": OUR_OPTIMIZER} if args.lightly_optimizer == "ours" else {}),
-                        "views": f"{args.lightly_views} forward", "memory_format": "channels-last"},
+            "lightly": {**recipe(args.lightly_optimizer), "views": f"{args.lightly_views} forward",
+                        "memory_format": "channels-last"},
             "evaluation": "barlow-eval --protocol linear knn --knn_k 20 --eval_split test (SGD linear probe, "
                           f"{args.linear_epochs or 100} epochs; features under "
                           f"{'bf16 autocast' if bf16(args) else 'fp32'}), one evaluator for both sides",
