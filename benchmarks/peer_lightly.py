@@ -94,11 +94,11 @@ def _our_optimizer(model: nn.Module, batch_size: int, total_steps: int):
 
     from training.shared.optim import create_optimizer, create_scheduler
 
-    recipe = yaml.safe_load(SMALL_IMAGE_CONFIG.read_text())
-    optimizer = create_optimizer(model, "lars", recipe["learning_rate_weights"], recipe["learning_rate_biases"],
-                                 recipe["weight_decay"], batch_size)
+    settings = yaml.safe_load(SMALL_IMAGE_CONFIG.read_text())
+    optimizer = create_optimizer(model, "lars", settings["learning_rate_weights"], settings["learning_rate_biases"],
+                                 settings["weight_decay"], batch_size)
     scheduler = create_scheduler(optimizer, total_steps, math.ceil(OUR_WARMUP_RATIO * total_steps))
-    return optimizer, scheduler, recipe["loss_scale"]
+    return optimizer, scheduler, settings["loss_scale"]
 
 
 def build(config, batch_size: int, total_steps: int, bf16: bool, joint_views: bool = True, seed: int = 0,
@@ -247,7 +247,7 @@ def pretrain(run_dir: Path, images: np.ndarray, *, seed: int, batch_size: int, m
             if step % checkpointing_steps == 0 or step == max_steps:
                 _save(run_dir, step, max_steps, optimizer_name, model, optimizer, scheduler, round(wall, 2))
     metrics = {"global_step": max_steps, "wall_time_s": round(wall_before + time.perf_counter() - started, 2),
-               "bf16": bf16, "joint_views": joint_views, "recipe": recipe(optimizer_name), "seed": seed, "batch_size": batch_size,
-               "num_train_examples": len(images), "pid": os.getpid()}
+               "bf16": bf16, "joint_views": joint_views, "recipe": recipe(optimizer_name), "seed": seed,
+               "batch_size": batch_size, "num_train_examples": len(images), "pid": os.getpid()}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -254,7 +254,7 @@ def _lscpu() -> dict:
 
 def report(args: argparse.Namespace) -> dict:
     """Margins, every run's numbers and the picture, from the evaluations and W/step_times.json."""
-    from peer_lightly import recipe
+    from peer_lightly import OUR_WARMUP_RATIO, recipe
     from peer_margins import margins
 
     step_times = json.loads((args.work_dir / "step_times.json").read_text())
@@ -292,7 +292,7 @@ def report(args: argparse.Namespace) -> dict:
             "steps": args.max_steps, "checkpoints": args.checkpoints, "batch_size": args.batch_size,
             "mixed_precision": "bf16 autocast, both sides" if bf16(args) else "fp32 (no bf16 instructions), both sides",
             "ours": f"barlow-pretrain, configs/fmnist_small_image.yaml (LARS), projector {args.projector_dims}, "
-                    "no blur, crops 0.08-1, warm-up 10% of the steps, channels-last",
+                    f"no blur, crops 0.08-1, warm-up {OUR_WARMUP_RATIO:.0%} of the steps, channels-last",
             "lightly": {**recipe(args.lightly_optimizer), "views": f"{args.lightly_views} forward",
                         "memory_format": "channels-last"},
             "evaluation": "barlow-eval --protocol linear knn --knn_k 20 --eval_split test (SGD linear probe, "
