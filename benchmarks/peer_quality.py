@@ -25,6 +25,11 @@ computes the margins (benchmarks/peer_margins.py) and writes --results_dir/peer_
 peer_quality.png. Every subcommand is resumable: pretraining continues from the newest
 checkpoint, evaluations already written are kept, and each command's output is appended to
 W/logs/<name>.log.
+
+What the report is made from lives in --results_dir/peer_quality/, small enough to commit as it
+lands: ``evaluations.jsonl`` (a line per scored checkpoint), ``step_times.json`` and
+``commands.jsonl``. The work dir holds only what can be made again (data, checkpoints, logs): the
+runs take hours spread over sessions, and a session's machine may not outlive it.
 """
 
 from __future__ import annotations
@@ -76,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timing_runs", type=int, default=30, help="alternating timed steps per side")
     parser.add_argument("--idx_dir", type=Path, default=IDX_DIR)
     parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR,
-                        help="where peer_quality.json and .png go (a smoke run: somewhere else)")
+                        help="where peer_quality.json, .png and the records folder peer_quality/ go "
+                             "(a smoke run: somewhere else)")
     parser.add_argument("--resume_from_checkpoint", choices=["latest"],
                         help="pretrain: continue from the newest checkpoint (all: always does)")
     args = parser.parse_args(argv)
@@ -96,6 +102,54 @@ def bf16(args: argparse.Namespace) -> bool:
 
 def run_dir(args: argparse.Namespace, side: str, seed: int) -> Path:
     return args.work_dir / "runs" / f"{side}-seed{seed}"
+
+
+def records_dir(args: argparse.Namespace) -> Path:
+    """The results_dir folder of what the report is made from (evaluations, step times, commands)."""
+    folder = args.results_dir / "peer_quality"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def check_setting(args: argparse.Namespace) -> None:
+    """Records of one setting only: the first command writes it to setting.json, and a command with
+    another (the optimiser ablation, a smoke run) is refused before it can mix its records in."""
+    setting = {"max_steps": args.max_steps, "checkpoints": args.checkpoints, "batch_size": args.batch_size,
+               "backbone_kwargs": json.loads(args.backbone_kwargs), "projector_dims": args.projector_dims,
+               "bf16": bf16(args), "lightly_views": args.lightly_views, "lightly_optimizer": args.lightly_optimizer,
+               "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples,
+               "linear_epochs": args.linear_epochs}
+    path = records_dir(args) / "setting.json"
+    if not path.is_file():
+        path.write_text(json.dumps(setting, indent=2) + "\n")
+        return
+    recorded = json.loads(path.read_text())
+    if recorded != setting:
+        differences = ", ".join(f"{key} {recorded.get(key)!r} there, {value!r} here"
+                                for key, value in setting.items() if recorded.get(key) != value)
+        raise SystemExit(f"{path.parent} holds the records of another setting ({differences}): "
+                         "give this one its own --results_dir.")
+
+
+def recorded_evaluations(args: argparse.Namespace) -> dict[tuple[str, int, int], dict]:
+    """Every line of evaluations.jsonl by (side, seed, step); a later line of the same checkpoint wins."""
+    path = records_dir(args) / "evaluations.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    return {(r["side"], r["seed"], r["step"]): r for r in records}
+
+
+def record_evaluation(args: argparse.Namespace, side: str, seed: int, folder: Path, result: Path) -> None:
+    """Append barlow-eval's ``result`` of checkpoint ``folder`` to evaluations.jsonl, once."""
+    step = int(folder.name.split("-")[1])
+    if (side, seed, step) in recorded_evaluations(args):
+        return
+    values = json.loads(result.read_text())
+    scored = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(result.stat().st_mtime))
+    line = {"side": side, "seed": seed, "step": step, "linear_top1": values["linear_top1"],
+            "knn_top1": values["knn_top1"], "date": scored, "eval_results": values}
+    with open(records_dir(args) / "evaluations.jsonl", "a") as records:
+        records.write(json.dumps(line) + "\n")
 
 
 def run_logged(command: list[str], log_name: str, args: argparse.Namespace) -> None:
@@ -185,13 +239,13 @@ def evaluate(args: argparse.Namespace) -> None:
            *(["--linear_epochs", str(args.linear_epochs)] if args.linear_epochs else [])]
     for side, seed, folder in evaluation_order(args):
         out = args.work_dir / "eval" / f"{side}-seed{seed}" / folder.name
-        if (out / "eval_results.json").is_file():
-            continue
-        run_logged([BIN / "barlow-eval", "--model_name_or_path", folder, "--dataset_name", data_dir(args),
-                    "--no_streaming", "--eval_split", "test", "--protocol", "linear", "knn", "--knn_k", "20",
-                    "--no_cache_features", "--dataloader_num_workers", str(args.workers), *cap,
-                    "--mixed_precision", "bf16" if bf16(args) else "no",
-                    "--output_dir", out, "--overwrite_output_dir"], f"eval-{side}-seed{seed}", args)
+        if not (out / "eval_results.json").is_file():
+            run_logged([BIN / "barlow-eval", "--model_name_or_path", folder, "--dataset_name", data_dir(args),
+                        "--no_streaming", "--eval_split", "test", "--protocol", "linear", "knn", "--knn_k", "20",
+                        "--no_cache_features", "--dataloader_num_workers", str(args.workers), *cap,
+                        "--mixed_precision", "bf16" if bf16(args) else "no",
+                        "--output_dir", out, "--overwrite_output_dir"], f"eval-{side}-seed{seed}", args)
+        record_evaluation(args, side, seed, folder, out / "eval_results.json")
 
 
 def evaluation_order(args: argparse.Namespace) -> list[tuple[str, int, Path]]:
@@ -210,7 +264,8 @@ def evaluation_order(args: argparse.Namespace) -> list[tuple[str, int, Path]]:
 
 def timing(args: argparse.Namespace) -> dict:
     """Both training steps timed in one alternating run (train_step_cpu's ``build_ours`` for ours,
-    with this comparison's encoder and projector; peer_lightly's step for lightly): W/step_times.json."""
+    with this comparison's encoder and projector; peer_lightly's step for lightly): step_times.json
+    in the records folder."""
     from unittest import mock
 
     import torch
@@ -241,7 +296,7 @@ def timing(args: argparse.Namespace) -> dict:
                   "(benchmarks/common.py alternate); ours: train_step_cpu.build_ours(compile=False) as barlow-pretrain "
                   "--channels_last runs it; lightly: peer_lightly.build's step; data loading not included",
     }
-    (args.work_dir / "step_times.json").write_text(json.dumps(record, indent=2))
+    (records_dir(args) / "step_times.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["median_seconds_per_step"]))
     return record
 
@@ -253,27 +308,33 @@ def _lscpu() -> dict:
 
 
 def report(args: argparse.Namespace) -> dict:
-    """Margins, every run's numbers and the picture, from the evaluations and W/step_times.json."""
+    """Margins, every run's numbers and the picture, from the records folder alone (no checkpoint
+    needs to exist any more)."""
     from peer_lightly import OUR_WARMUP_RATIO, recipe
     from peer_margins import margins
 
-    step_times = json.loads((args.work_dir / "step_times.json").read_text())
+    records = records_dir(args)
+    for needed in ("step_times.json", "evaluations.jsonl", "commands.jsonl"):
+        if not (records / needed).is_file():
+            raise SystemExit(f"{records / needed} is missing: the report needs timing's step times and evaluate's "
+                             "records there (--results_dir names the folder above it).")
+    step_times = json.loads((records / "step_times.json").read_text())
     seconds = step_times["median_seconds_per_step"]
     runs: dict[str, dict[int, list[dict]]] = {side: {} for side in SIDES}
-    for side in SIDES:
-        for seed in args.seeds:
-            points = []
-            for step, folder in checkpoint_steps(run_dir(args, side, seed)):
-                result = args.work_dir / "eval" / f"{side}-seed{seed}" / folder.name / "eval_results.json"
-                if result.is_file():
-                    values = json.loads(result.read_text())
-                    points.append({"step": step, "minutes": step * seconds[side] / 60,
-                                   "linear_top1": values["linear_top1"], "knn_top1": values["knn_top1"]})
-            if points:
-                runs[side][seed] = points
-    summary = margins({side: {seed: [(p["step"], p["linear_top1"]) for p in points] for seed, points in by_seed.items()}
-                       for side, by_seed in runs.items()}, seconds)
-    commands = [json.loads(line) for line in (args.work_dir / "commands.jsonl").read_text().splitlines()]
+    sources: dict[str, int] = {}  # how each evaluation came to be recorded, counted
+    for (side, seed, step), values in sorted(recorded_evaluations(args).items()):
+        if seed in args.seeds:
+            source = values.get("source", "barlow-eval by this script's evaluate (its eval_results.json in the line)")
+            sources[source] = sources.get(source, 0) + 1
+            runs[side].setdefault(seed, []).append({
+                "step": step, "minutes": step * seconds[side] / 60,
+                "linear_top1": values["linear_top1"], "knn_top1": values["knn_top1"]})
+    try:
+        summary = margins({side: {seed: [(p["step"], p["linear_top1"]) for p in points]
+                                  for seed, points in by_seed.items()} for side, by_seed in runs.items()}, seconds)
+    except ValueError as error:  # no seed with both sides, or no shared checkpoint step
+        raise SystemExit(f"No margins from {records / 'evaluations.jsonl'}: {error}") from None
+    commands = [json.loads(line) for line in (records / "commands.jsonl").read_text().splitlines()]
     record = {
         **summary,
         "targets": TARGETS,
@@ -284,6 +345,7 @@ def report(args: argparse.Namespace) -> dict:
             "seeds": len(summary["seeds"]) >= 3,
         },
         "runs": runs,
+        "evaluation_sources": sources,
         "step_times": step_times,
         "setting": {
             "data": f"Fashion-MNIST (Debian's IDX files), {args.max_train_samples or 60000} training images, "
@@ -342,7 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.command != "_lightly":
-        with open(args.work_dir / "commands.jsonl", "a") as log:
+        check_setting(args)
+        with open(records_dir(args) / "commands.jsonl", "a") as log:
             log.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M:%S"),
                                   "command": shlex.join(["python", "benchmarks/peer_quality.py", *sys.argv[1:]])}) + "\n")
     if args.command == "_lightly":
@@ -359,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             for side in SIDES:
                 pretrain(args, side, seed, resume=True)
-        if not (args.work_dir / "step_times.json").is_file():
+        if not (records_dir(args) / "step_times.json").is_file():
             timing(args)
         evaluate(args)
         report(args)
